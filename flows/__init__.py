@@ -1,0 +1,1 @@
+"""lanceflow flows: compose the tasks; parameters are pydantic models."""

@@ -1,0 +1,259 @@
+"""The `lanceflow` command line. Each command runs its flow locally under Prefect's
+ephemeral API (no server to start)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from tasks.settings import DEFAULT_DB_URI, DEFAULT_MODEL
+
+EXIT_FAILED_RUN = 1
+EXIT_USAGE = 2
+
+
+def _ingest_parser(sub: Any) -> None:
+    p = sub.add_parser("ingest", help="extract, chunk, embed and index a folder or bucket")
+    p.add_argument("source", help="a folder, a file, or an fsspec URL such as s3://bucket/prefix")
+    p.add_argument(
+        "--table", default=DEFAULT_DB_URI, help=f"LanceDB directory (default {DEFAULT_DB_URI})"
+    )
+    p.add_argument("--embedder", default="local", choices=["local"], help="embedding backend")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model id or directory")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    p.add_argument("--chunk-tokens", type=int, default=None, help="chunk size in model tokens")
+    p.add_argument("--overlap", type=int, default=0, help="overlap in model tokens")
+    p.add_argument(
+        "--chunking",
+        default="split",
+        choices=["split", "whole"],
+        help="'whole': one chunk per document, truncated by the model",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="texts per model call")
+    p.add_argument("--batch-docs", type=int, default=256, help="documents per write batch")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    p.add_argument("--max-file-mb", type=float, default=64.0)
+    p.add_argument("--max-failed-fraction", type=float, default=0.5)
+    p.add_argument("--id-field", default=None, help="record files: id column")
+    p.add_argument("--title-field", default="title", help="record files: title column")
+    p.add_argument("--text-field", default="text", help="record files: text column")
+    p.add_argument(
+        "--always-flow", action="store_true", help="run the Prefect flow even when nothing changed"
+    )
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
+
+
+def _search_parser(sub: Any) -> None:
+    p = sub.add_parser("search", help="search the table")
+    p.add_argument("query")
+    p.add_argument("--table", default=DEFAULT_DB_URI)
+    p.add_argument("--mode", default="hybrid", choices=["vector", "fts", "hybrid"])
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="score retrieval quality on a labelled query set")
+    p.add_argument("dataset", help="BEIR folder (queries.jsonl + qrels/) or JSONL/CSV queries")
+    p.add_argument("--table", default=DEFAULT_DB_URI)
+    p.add_argument("--split", default="test", help="BEIR qrels split")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["vector", "fts", "hybrid"],
+        choices=["vector", "fts", "hybrid"],
+    )
+    p.add_argument("-k", nargs="+", type=int, default=[1, 3, 5, 10, 100], dest="ks")
+    p.add_argument("--min-ndcg", type=float, default=None, help="fail below this nDCG@10")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.02,
+        help="fail when nDCG@10 falls by more than this versus the last run",
+    )
+    p.add_argument("--no-gate", action="store_true", help="never fail on quality")
+    p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lanceflow", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _ingest_parser(sub)
+    _search_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.errors import TooManyFailuresError
+    from tasks.settings import IngestParams
+
+    try:
+        params = IngestParams.model_validate(
+            {
+                "source": {
+                    "uri": args.source,
+                    "include": args.include,
+                    "exclude": args.exclude,
+                    "max_file_mb": args.max_file_mb,
+                    "id_field": args.id_field,
+                    "title_field": args.title_field,
+                    "text_field": args.text_field,
+                },
+                "store": {"uri": args.table},
+                "chunking": {
+                    "chunk_tokens": args.chunk_tokens,
+                    "overlap": args.overlap,
+                    "strategy": args.chunking,
+                },
+                "embedder": {
+                    "kind": args.embedder,
+                    "model": args.model,
+                    "device": args.device,
+                    "backend": args.backend,
+                    "batch_size": args.batch_size,
+                },
+                "batch_docs": args.batch_docs,
+                "max_failed_fraction": args.max_failed_fraction,
+            }
+        )
+    except ValidationError as exc:
+        print(f"lanceflow: invalid option: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    code = 0
+    try:
+        from tasks.runs import quick_check
+
+        report = None if args.always_flow else quick_check(params)
+        if report is None:
+            from flows.ingest import ingest
+
+            report = ingest(params)
+    except TooManyFailuresError as exc:
+        print(f"lanceflow: {exc}", file=sys.stderr)
+        report, code = exc.report, EXIT_FAILED_RUN
+    if report is None:
+        return EXIT_FAILED_RUN
+    if args.json:
+        print(report.model_dump_json())
+    else:
+        d, c = report.documents, report.chunks
+        print(
+            f"documents: {d.seen} seen, {d.new} new, {d.changed} changed, {d.unchanged} "
+            f"unchanged, {d.deleted} deleted, {d.failed} failed\n"
+            f"chunks: {c.embedded} embedded, {c.cached} from cache, {c.written} written, "
+            f"{c.deleted} deleted\n"
+            f"table {report.table} version {report.table_version}, {report.seconds:.1f} s"
+        )
+        for f in report.failures[:20]:
+            print(f"  failed: {f.doc_id}: {f.error}")
+    return code
+
+
+def _search(args: argparse.Namespace) -> int:
+    from tasks.search import search
+    from tasks.store import Store
+
+    hits = search(Store(args.table), args.query, mode=args.mode, k=args.k)
+    if args.json:
+        print(
+            json.dumps(
+                [h.model_dump(include={"doc_id", "chunk_id", "text", "score"}) for h in hits],
+                ensure_ascii=False,
+            )
+        )
+        return 0
+    print(f"{args.mode} search: {args.query}")
+    for rank, h in enumerate(hits, start=1):
+        snippet = " ".join(h.text.split())[:160]
+        print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}\n       {snippet}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.settings import EvaluateParams
+
+    try:
+        params = EvaluateParams.model_validate(
+            {
+                "dataset": args.dataset,
+                "split": args.split,
+                "store": {"uri": args.table},
+                "modes": args.modes,
+                "ks": args.ks,
+                "gate": {
+                    "min_ndcg_at_10": None if args.no_gate else args.min_ndcg,
+                    "max_drop": None if args.no_gate else args.max_drop,
+                },
+            }
+        )
+    except ValidationError as exc:
+        print(f"lanceflow: invalid option: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from flows.evaluate import QualityGateError, evaluate
+
+    code = 0
+    try:
+        summary = evaluate(params)
+    except QualityGateError as exc:
+        print(f"lanceflow: {exc}", file=sys.stderr)
+        summary, code = exc.summary, EXIT_FAILED_RUN
+    if args.json:
+        print(json.dumps(summary))
+        return code
+    print(
+        f"{summary['dataset']}: {summary['queries']} queries, table version "
+        f"{summary['table_version']}, model {summary['model']}"
+    )
+    if summary["unknown_documents"]:
+        print(f"  {summary['unknown_documents']} judged documents are not in the table")
+    for mode, values in summary["results"].items():
+        shown = ", ".join(
+            f"{k} {v:.4f}"
+            for k, v in values.items()
+            if k in ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@10")
+        )
+        print(f"  {mode:<7} {shown}")
+    print("gate: " + ("passed" if summary["gate"]["passed"] else "FAILED"))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # no telemetry: nothing leaves this machine
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from tasks.errors import LanceflowError
+
+    try:
+        if args.command == "ingest":
+            return _ingest(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _search(args)
+    except LanceflowError as exc:
+        print(f"lanceflow: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The `ingest` flow: list -> read and parse -> chunk -> embed -> write -> indexes -> report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import get_run_context
+from tqdm import tqdm
+
+from tasks.plan import iter_work
+from tasks.report import IngestReport
+from tasks.runs import quick_check
+from tasks.settings import IngestParams
+from tasks.steps import (
+    chunk_documents,
+    delete_documents,
+    embed_chunks,
+    list_documents,
+    open_run_task,
+    read_documents,
+    refresh_indexes,
+    report_run,
+    write_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+
+@flow(name="ingest", persist_result=False, validate_parameters=True)
+def ingest(params: IngestParams) -> IngestReport:
+    """Bring a LanceDB table up to date with a folder or bucket of documents."""
+    logger = get_run_logger()
+    run = open_run_task(params)
+    plan = list_documents(run)
+    logger.info(
+        "%d documents seen, %d unchanged, %d to process, %d to delete",
+        plan.seen,
+        plan.unchanged,
+        plan.to_process,
+        len(plan.deleted_ids),
+    )
+    progress_id: Any = create_progress_artifact(
+        progress=0.0, description=f"documents processed of {plan.to_process}"
+    )
+    done = 0
+    try:
+        with tqdm(
+            total=plan.to_process, unit="doc", file=sys.stderr, disable=None, desc="ingest"
+        ) as bar:
+            for items in iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20)):
+                outcomes = read_documents(run, items)
+                chunk_documents(run, outcomes)
+                batch = embed_chunks(run, outcomes)
+                write_chunks(run, outcomes, batch)
+                done += len(items)
+                bar.update(len(items))
+                update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)
+    finally:
+        plan.cleanup()
+    delete_documents(run, plan)
+    changed = plan.to_process > 0 or bool(plan.deleted_ids)
+    indexes = refresh_indexes(run, changed)
+    logger.info("indexes: %s", ", ".join(indexes.get("indexes", [])))
+    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    report = report_run(run, flow_run_id)
+    logger.info(
+        "done: %d new, %d changed, %d deleted, %d failed documents; %d chunks embedded, "
+        "%d from the cache",
+        report.documents.new,
+        report.documents.changed,
+        report.documents.deleted,
+        report.documents.failed,
+        report.chunks.embedded,
+        report.chunks.cached,
+    )
+    return report
+
+
+def run_ingest(params: IngestParams, always_flow: bool = False) -> IngestReport:
+    """Run an ingest from the command line: the flow, or nothing but a run record when the
+    source has not changed (Prefect's temporary server costs seconds to start)."""
+    if not always_flow:
+        report = quick_check(params)
+        if report is not None:
+            log.info("nothing changed since the last run")
+            return report
+    result: Any = ingest(params)
+    return result

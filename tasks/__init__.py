@@ -1,0 +1,1 @@
+"""lanceflow tasks: plain typed functions with thin Prefect task wrappers."""

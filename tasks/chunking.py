@@ -1,0 +1,110 @@
+"""Cutting documents into chunks counted in the embedding model's own tokens.
+
+semantic-text-splitter does the splitting: it tries Markdown structure (for Markdown), then
+paragraphs, lines, sentences (Unicode sentence boundaries, so Korean '다.' endings too), words
+and only then characters, and packs the largest pieces that fit the token budget.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tasks.errors import ConfigurationError
+from tasks.parsing import ParsedDocument
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+_FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
+
+
+@dataclass(slots=True)
+class ChunkSpan:
+    """One chunk of one document."""
+
+    doc_id: str
+    index: int
+    text: str
+    char_start: int
+    char_end: int
+    heading: str = ""
+    page_start: int | None = None
+    page_end: int | None = None
+
+
+def heading_outline(text: str) -> tuple[list[int], list[str]]:
+    """Start offsets of the Markdown headings and the heading path in force at each."""
+    fences = [m.start() for m in _FENCE.finditer(text)]
+    offsets: list[int] = []
+    paths: list[str] = []
+    stack: list[tuple[int, str]] = []
+    for m in _HEADING.finditer(text):
+        # inside a fenced code block when an odd number of fences precede it
+        if bisect_right(fences, m.start()) % 2 == 1:
+            continue
+        level = len(m.group(1))
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, m.group(2).strip()))
+        offsets.append(m.start())
+        paths.append(" > ".join(t for _, t in stack))
+    return offsets, paths
+
+
+class Chunker:
+    """Splits parsed documents with one tokenizer and one budget."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, chunk_tokens: int, overlap: int = 0, whole: bool = False
+    ) -> None:
+        from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
+        if chunk_tokens < 8:
+            raise ConfigurationError("chunk_tokens must be at least 8")
+        if overlap >= chunk_tokens:
+            raise ConfigurationError(
+                f"overlap ({overlap}) must be smaller than chunk_tokens ({chunk_tokens})"
+            )
+        self.chunk_tokens = chunk_tokens
+        self.overlap = overlap
+        self.whole = whole
+        self._text: Any = TextSplitter.from_huggingface_tokenizer(
+            tokenizer, chunk_tokens, overlap=overlap
+        )
+        self._markdown: Any = MarkdownSplitter.from_huggingface_tokenizer(
+            tokenizer, chunk_tokens, overlap=overlap
+        )
+
+    def split(self, doc: ParsedDocument) -> list[ChunkSpan]:
+        if self.whole:
+            text = doc.text.strip()
+            start = doc.text.find(text[:1]) if text else 0
+            return [ChunkSpan(doc.doc_id, 0, text, start, start + len(text))] if text else []
+        splitter = self._markdown if doc.markdown else self._text
+        offsets, paths = heading_outline(doc.text) if doc.markdown else ([], [])
+        spans: list[ChunkSpan] = []
+        for start, piece in splitter.chunk_indices(doc.text):
+            if not piece.strip():
+                continue
+            end = start + len(piece)
+            span = ChunkSpan(doc.doc_id, len(spans), piece, start, end)
+            if offsets:
+                i = bisect_right(offsets, start) - 1
+                if i >= 0:
+                    span.heading = paths[i]
+            if doc.page_starts:
+                span.page_start = bisect_right(doc.page_starts, start)
+                span.page_end = bisect_right(doc.page_starts, max(start, end - 1))
+            spans.append(span)
+        return spans
+
+
+def split_text(
+    doc: ParsedDocument, tokenizer: Tokenizer, chunk_tokens: int, overlap: int = 0
+) -> list[ChunkSpan]:
+    """Split one document (convenience for callers without a Chunker)."""
+    return Chunker(tokenizer, chunk_tokens, overlap).split(doc)

@@ -1,0 +1,1 @@
+"""Embedding backends. Each implements only `embed(texts) -> vectors` (see base.Embedder)."""

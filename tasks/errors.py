@@ -1,0 +1,67 @@
+"""Every error lanceflow raises on purpose.
+
+    LanceflowError                 base class; the message always says what to do
+    ├── ConfigurationError         a setting or parameter that cannot work
+    ├── SourceError                the source cannot be listed (nothing is deleted then)
+    ├── DocumentError              one document cannot be read or parsed; it is skipped
+    │   ├── ReadError              I/O failed (permissions, vanished, symlink loop)
+    │   └── ParseError             content is not what its extension says
+    ├── ModelError                 the embedding model cannot be loaded
+    ├── ModelMismatchError         the table was built with another model or dimension
+    ├── TableError                 the LanceDB table is missing or unusable
+    └── TooManyFailuresError       the failed share exceeded the configured threshold
+
+Transient network errors from libraries are *not* wrapped: they propagate so the retry layer
+(Prefect task retries, tenacity) sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LanceflowError(Exception):
+    """Base class of every lanceflow error."""
+
+
+class ConfigurationError(LanceflowError):
+    """A setting or parameter that cannot work."""
+
+
+class SourceError(LanceflowError):
+    """The document source cannot be listed or opened."""
+
+
+class DocumentError(LanceflowError):
+    """One document cannot be used; the run skips it and records the reason."""
+
+
+class ReadError(DocumentError):
+    """The document's bytes could not be read."""
+
+
+class ParseError(DocumentError):
+    """The document's bytes could not be parsed into text."""
+
+
+class ModelError(LanceflowError):
+    """The embedding model cannot be loaded or run."""
+
+
+class ModelMismatchError(LanceflowError):
+    """The table was embedded with another model or dimension than the one asked for."""
+
+
+class TableError(LanceflowError):
+    """The LanceDB table is missing or unusable."""
+
+
+class TooManyFailuresError(LanceflowError):
+    """More documents failed than the run's threshold allows.
+
+    Carries the run report so the CLI can still print it.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,55 @@
+"""The run report: what an ingest run did, as a typed model (printed by `--json`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+MAX_FAILURES_LISTED = 1_000
+
+
+class DocumentCounts(BaseModel):
+    seen: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: int = 0
+
+
+class ChunkCounts(BaseModel):
+    embedded: int = 0
+    cached: int = 0
+    written: int = 0
+    deleted: int = 0
+
+
+class Failure(BaseModel):
+    doc_id: str
+    error: str
+
+
+class IngestReport(BaseModel):
+    run_id: str = ""
+    source: str = ""
+    table: str = ""
+    model: str = ""
+    documents: DocumentCounts = Field(default_factory=DocumentCounts)
+    chunks: ChunkCounts = Field(default_factory=ChunkCounts)
+    failures: list[Failure] = Field(default_factory=list)
+    failures_not_listed: int = 0
+    listing_complete: bool = True
+    table_version: int = 0
+    seconds: float = 0.0
+    orchestrated: bool = True
+    status: str = "completed"
+
+    def add_failure(self, doc_id: str, error: str) -> None:
+        self.documents.failed += 1
+        if len(self.failures) < MAX_FAILURES_LISTED:
+            self.failures.append(Failure(doc_id=doc_id, error=error))
+        else:
+            self.failures_not_listed += 1
+
+    @property
+    def failed_fraction(self) -> float:
+        return self.documents.failed / self.documents.seen if self.documents.seen else 0.0

@@ -1,0 +1,364 @@
+"""Listing and reading documents from a folder or a bucket (anything fsspec opens).
+
+Files are listed lazily, one directory at a time. Record files (.jsonl, .csv, .parquet) are
+streamed record by record; every record is a document with its own id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from fnmatch import fnmatchcase
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.errors import ConfigurationError, ReadError, SourceError
+from tasks.settings import FILE_EXTENSIONS, RECORD_EXTENSIONS, SourceSettings
+
+log = logging.getLogger(__name__)
+
+ID_FIELD_CANDIDATES = ("_id", "id", "doc_id")
+
+
+@dataclass(slots=True)
+class FileEntry:
+    """One file found in the source."""
+
+    path: str  # the path fsspec reads
+    rel: str  # the path relative to the source root, '/'-separated: a file's document id
+    size: int
+    mtime: float
+    error: str | None = None  # set when the entry itself is unusable (symlink loop, ...)
+
+    @property
+    def is_records(self) -> bool:
+        return self.rel.lower().endswith(RECORD_EXTENSIONS)
+
+
+@dataclass(slots=True)
+class Record:
+    """One document read from a record file."""
+
+    doc_id: str
+    title: str
+    text: str
+    source: str
+    line: int
+
+
+@dataclass(slots=True)
+class RecordError:
+    """A record that cannot be used, with where it is."""
+
+    doc_id: str
+    source: str
+    line: int
+    error: str
+
+
+def supported(rel: str) -> bool:
+    return rel.lower().endswith(FILE_EXTENSIONS + RECORD_EXTENSIONS)
+
+
+def _glob_match(rel: str, pattern: str) -> bool:
+    pattern = pattern.strip()
+    if not pattern:
+        return False
+    candidates = {pattern}
+    while pattern.startswith("**/"):
+        pattern = pattern[3:]
+        candidates.add(pattern)
+    name = rel.rsplit("/", 1)[-1]
+    for p in candidates:
+        if fnmatchcase(rel, p) or ("/" not in p and fnmatchcase(name, p)):
+            return True
+    return False
+
+
+def selected(rel: str, include: list[str], exclude: list[str]) -> bool:
+    """Whether a relative path passes the include and exclude globs."""
+    if include and not any(_glob_match(rel, p) for p in include):
+        return False
+    return not any(_glob_match(rel, p) for p in exclude)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return 0.0
+
+
+class Source:
+    """A document source: a local folder or file, or a bucket prefix."""
+
+    def __init__(self, settings: SourceSettings) -> None:
+        self.settings = settings
+        try:
+            fs, root = fsspec.core.url_to_fs(settings.uri, **settings.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise ConfigurationError(
+                f"cannot open source {settings.uri!r}: {exc}. For s3://, gs:// or az:// install "
+                "lanceflow[s3], [gcs] or [azure]."
+            ) from exc
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.local = isinstance(fs, LocalFileSystem)
+        #: False once any part of the listing failed: the run must then delete nothing.
+        self.complete = True
+        self.listing_errors: list[tuple[str, str]] = []
+
+    # ---- listing -------------------------------------------------------------------------
+
+    def iter_entries(self) -> Iterator[FileEntry]:
+        """Every supported, selected file, lazily. Raises SourceError when the root fails."""
+        s = self.settings
+        for entry in self._walk():
+            if not supported(entry.rel):
+                continue
+            if not s.include_hidden and any(part.startswith(".") for part in entry.rel.split("/")):
+                continue
+            if not selected(entry.rel, s.include, s.exclude):
+                continue
+            yield entry
+
+    def _walk(self) -> Iterator[FileEntry]:
+        if self.local:
+            yield from self._walk_local()
+        else:
+            yield from self._walk_remote()
+
+    def _walk_local(self) -> Iterator[FileEntry]:
+        root = self.root
+        try:
+            st = os.stat(root)
+        except OSError as exc:
+            raise SourceError(
+                f"source {self.settings.uri!r} cannot be opened: {exc.strerror or exc}. "
+                "Check the path and its permissions."
+            ) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            name = os.path.basename(root)
+            yield FileEntry(root, name, st.st_size, st.st_mtime)
+            return
+        visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+        yield from self._scan_local(root, "", visited, top=True)
+
+    def _scan_local(
+        self, path: str, rel: str, visited: set[tuple[int, int]], top: bool = False
+    ) -> Iterator[FileEntry]:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if top:
+                raise SourceError(
+                    f"source {self.settings.uri!r} cannot be listed: {exc.strerror or exc}. "
+                    "Check its permissions."
+                ) from exc
+            self._listing_failed(rel + "/", f"folder cannot be listed: {exc.strerror or exc}")
+            return
+        for e in entries:
+            child_rel = f"{rel}/{e.name}" if rel else e.name
+            if not self.settings.include_hidden and e.name.startswith("."):
+                continue
+            try:
+                st = e.stat(follow_symlinks=True)
+            except OSError as exc:
+                if e.is_symlink():
+                    reason = (
+                        "symlink loop" if exc.errno == 40 else f"broken symlink ({exc.strerror})"
+                    )
+                else:
+                    reason = f"cannot stat: {exc.strerror or exc}"
+                if supported(child_rel):
+                    yield FileEntry(e.path, child_rel, 0, 0.0, error=reason)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    # A folder link back to a folder already being walked: a loop.
+                    self.listing_errors.append((child_rel + "/", "symlink loop: folder skipped"))
+                    continue
+                visited.add(key)
+                yield from self._scan_local(e.path, child_rel, visited)
+                visited.discard(key)
+            elif stat.S_ISREG(st.st_mode):
+                yield FileEntry(e.path, child_rel, st.st_size, st.st_mtime)
+
+    def _walk_remote(self) -> Iterator[FileEntry]:
+        fs, root = self.fs, self.root
+        try:
+            if fs.isfile(root):
+                info = fs.info(root)
+                yield FileEntry(
+                    root, root.rsplit("/", 1)[-1], int(info.get("size") or 0), _mtime(info)
+                )
+                return
+            walker = fs.walk(root, detail=True, on_error="raise")
+            first = True
+            for dirpath, _dirs, files in walker:
+                first = False
+                for name in sorted(files):
+                    info = files[name]
+                    full = info.get("name") or f"{dirpath}/{name}"
+                    rel = full[len(root) :].lstrip("/") if full.startswith(root) else name
+                    if not rel or full.endswith("/"):
+                        continue
+                    yield FileEntry(full, rel, int(info.get("size") or 0), _mtime(info))
+            if first and not fs.exists(root):
+                raise SourceError(f"source {self.settings.uri!r} does not exist.")
+        except SourceError:
+            raise
+        except FileNotFoundError as exc:
+            raise SourceError(
+                f"source {self.settings.uri!r} does not exist. Check the bucket and prefix."
+            ) from exc
+        except PermissionError as exc:
+            raise SourceError(
+                f"source {self.settings.uri!r} cannot be listed: access denied. Check the "
+                "credentials in the environment."
+            ) from exc
+
+    def _listing_failed(self, where: str, why: str) -> None:
+        self.complete = False
+        self.listing_errors.append((where, why))
+        log.warning("listing incomplete at %s: %s", where, why)
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def read_bytes(self, entry_path: str, max_bytes: int) -> bytes:
+        """A file's bytes; ReadError for anything that keeps it from being read."""
+        try:
+            with self.fs.open(entry_path, "rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except IsADirectoryError as exc:
+            raise ReadError("is a folder, not a file") from exc
+        except PermissionError as exc:
+            raise ReadError("permission denied: make the file readable") from exc
+        except FileNotFoundError as exc:
+            raise ReadError("file vanished while the run was reading") from exc
+        except OSError as exc:
+            if getattr(exc, "errno", None) == 40:
+                raise ReadError("symlink loop") from exc
+            raise ReadError(f"cannot read: {exc.strerror or exc}") from exc
+        if len(data) > max_bytes:
+            raise ReadError(
+                f"larger than max_file_mb ({max_bytes / 2**20:g} MB): raise the limit or split "
+                "the file"
+            )
+        return data
+
+    def iter_records(self, entry: FileEntry) -> Iterator[Record | RecordError]:
+        """Every record of a .jsonl/.csv/.parquet file, streamed."""
+        lower = entry.rel.lower()
+        if lower.endswith((".jsonl", ".ndjson")):
+            yield from self._iter_jsonl(entry)
+        elif lower.endswith(".csv"):
+            yield from self._iter_table(entry, "csv")
+        else:
+            yield from self._iter_table(entry, "parquet")
+
+    def _pick_id_field(self, fields: list[str] | dict[str, Any], entry: FileEntry) -> str:
+        s = self.settings
+        if s.id_field:
+            if s.id_field not in fields:
+                raise ReadError(f"{entry.rel}: no id column {s.id_field!r}; set id_field")
+            return s.id_field
+        for name in ID_FIELD_CANDIDATES:
+            if name in fields:
+                return name
+        raise ReadError(
+            f"{entry.rel}: no id column (looked for {', '.join(ID_FIELD_CANDIDATES)}); set id_field"
+        )
+
+    def _make(
+        self, row: dict[str, Any], id_field: str, entry: FileEntry, line: int
+    ) -> Record | RecordError:
+        s = self.settings
+        raw_id = row.get(id_field)
+        if raw_id is None or str(raw_id).strip() == "":
+            return RecordError(f"{entry.rel}#{line}", entry.rel, line, f"no {id_field!r} value")
+        doc_id = str(raw_id)
+        text = row.get(s.text_field)
+        if not isinstance(text, str):
+            if text is None:
+                return RecordError(doc_id, entry.rel, line, f"no {s.text_field!r} field")
+            text = str(text)
+        title = row.get(s.title_field)
+        title = "" if title is None else str(title)
+        return Record(doc_id, title.strip(), text, entry.rel, line)
+
+    def _iter_jsonl(self, entry: FileEntry) -> Iterator[Record | RecordError]:
+        id_field: str | None = None
+        try:
+            with self.fs.open(entry.path, "rb") as fh:
+                for line_no, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        row = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        yield RecordError(
+                            f"{entry.rel}#{line_no}", entry.rel, line_no, f"invalid JSON: {exc}"
+                        )
+                        continue
+                    if not isinstance(row, dict):
+                        yield RecordError(
+                            f"{entry.rel}#{line_no}", entry.rel, line_no, "not a JSON object"
+                        )
+                        continue
+                    if id_field is None:
+                        id_field = self._pick_id_field(row, entry)
+                    yield self._make(row, id_field, entry, line_no)
+        except PermissionError as exc:
+            raise ReadError("permission denied: make the file readable") from exc
+        except FileNotFoundError as exc:
+            raise ReadError("file vanished while the run was reading") from exc
+
+    def _iter_table(self, entry: FileEntry, kind: str) -> Iterator[Record | RecordError]:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open(entry.path, "rb") as fh:
+                batches: Iterator[pa.RecordBatch]
+                if kind == "csv":
+                    reader = pacsv.open_csv(
+                        fh,
+                        read_options=pacsv.ReadOptions(block_size=1 << 22),
+                        convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+                    )
+                    names = reader.schema.names
+                    batches = iter(reader)
+                else:
+                    pf = pq.ParquetFile(fh)
+                    names = pf.schema_arrow.names
+                    batches = pf.iter_batches(batch_size=2048)
+                id_field = self._pick_id_field(names, entry)
+                line = 1 if kind == "csv" else 0  # csv: line 1 is the header
+                for batch in batches:
+                    for row in batch.to_pylist():
+                        line += 1
+                        yield self._make(row, id_field, entry, line)
+        except (pa.ArrowInvalid, OSError) as exc:
+            if isinstance(exc, PermissionError):
+                raise ReadError("permission denied: make the file readable") from exc
+            raise ReadError(f"cannot read {kind} records: {exc}") from exc

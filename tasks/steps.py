@@ -1,0 +1,161 @@
+"""The ingest flow's Prefect tasks: thin wrappers over the plain functions in this package.
+
+Nothing large travels through task results: the work list spills to disk (tasks.plan) and each
+batch's data lives only for the few tasks that handle it. Results are not persisted and not
+cached (the inputs are live objects: a database handle, a model). Retries are declared where
+I/O happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
+from tasks.embedding import EmbeddedBatch, embed_outcomes
+from tasks.errors import LanceflowError, ModelMismatchError
+from tasks.plan import Plan, plan_changes
+from tasks.report import Failure, IngestReport
+from tasks.runs import IngestRun, finish, open_run
+from tasks.settings import IngestParams
+from tasks.store import TableModel, sql_in
+from tasks.writing import write_batch
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures, never lanceflow's own errors (a retry cannot fix those)."""
+    try:
+        state.result()
+    except LanceflowError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="open_run", cache_policy=NO_CACHE, persist_result=False)
+def open_run_task(params: IngestParams) -> IngestRun:
+    return open_run(params)
+
+
+@task(
+    name="list_documents",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def list_documents(run: IngestRun) -> Plan:
+    run.source.complete = True
+    run.source.listing_errors.clear()
+    plan = plan_changes(run.source, run.store.load_manifest())
+    run.report.documents.seen = plan.seen
+    run.report.documents.unchanged = plan.unchanged
+    run.report.listing_complete = plan.listing_complete
+    for where, why in plan.listing_errors:
+        run.report.failures.append(Failure(doc_id=where, error=why))
+    return plan
+
+
+@task(
+    name="read_documents",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def read_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[DocOutcome]:
+    max_bytes = int(run.params.source.max_file_mb * 2**20)
+    return read_and_parse(items, run.source, max_bytes)
+
+
+@task(name="chunk_documents", cache_policy=NO_CACHE, persist_result=False)
+def chunk_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
+    if not any(o.parsed is not None for o in outcomes):
+        return 0
+    return chunk_outcomes(outcomes, run.chunker)
+
+
+@task(
+    name="embed_chunks",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
+    batch = embed_outcomes(outcomes, run.embedder, run.store, run.params.embedder.kind)
+    if batch.rows is not None:
+        recorded = run.store.table_model()
+        dim = batch.rows.schema.field("vector").type.list_size
+        if recorded is not None and recorded.dimension != dim:
+            raise ModelMismatchError(
+                f"the table holds {recorded.dimension}-dimensional vectors but "
+                f"{run.embedder.model_id} gives {dim}: write to a new --table"
+            )
+        if recorded is None:
+            run.store.chunks(TableModel(run.embedder.model_id, dim, run.params.embedder.kind))
+    run.report.chunks.embedded += batch.embedded
+    run.report.chunks.cached += batch.cached
+    return batch
+
+
+@task(
+    name="write_chunks",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
+    write_batch(run.store, outcomes, batch.rows, run.report)
+
+
+@task(
+    name="delete_documents",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def delete_documents(run: IngestRun, plan: Plan) -> int:
+    if not plan.listing_complete or not plan.deleted_ids:
+        return 0
+    removed = 0
+    if run.store.has("chunks"):
+        tbl = run.store.table("chunks")
+        for i in range(0, len(plan.deleted_ids), 500):
+            removed += tbl.count_rows(sql_in("doc_id", plan.deleted_ids[i : i + 500]))
+    run.store.delete_documents(plan.deleted_ids)
+    run.report.documents.deleted = len(plan.deleted_ids)
+    run.report.chunks.deleted += removed
+    return len(plan.deleted_ids)
+
+
+@task(
+    name="refresh_indexes",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
+    s = run.params.store
+    return run.store.refresh_indexes(
+        s.vector_index_min_rows, timedelta(days=s.cleanup_older_than_days), changed
+    )
+
+
+@task(name="report_run", cache_policy=NO_CACHE, persist_result=False)
+def report_run(run: IngestRun, flow_run_id: str | None) -> IngestReport:
+    return finish(run, flow_run_id)

@@ -1,0 +1,93 @@
+"""Writing one batch: chunks first (one commit per batch), then the manifest rows.
+
+A crash between the two leaves the manifest pointing at the old content, so the next run
+processes those documents again and upserts the same chunk ids: it converges to exactly the
+table a clean run writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.documents import DocOutcome
+from tasks.report import IngestReport
+from tasks.store import CHUNKS, DOCUMENTS, Store, sql_in
+
+
+def _old_rows(store: Store, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    if not doc_ids or not store.has(DOCUMENTS):
+        return {}
+    data = store.documents().search().where(sql_in("doc_id", doc_ids)).limit(None).to_arrow()
+    return {r["doc_id"]: r for r in data.to_pylist()}
+
+
+def _old_chunk_ids(store: Store, doc_ids: Sequence[str]) -> set[str]:
+    if not doc_ids or not store.has(CHUNKS):
+        return set()
+    data = (
+        store.table(CHUNKS)
+        .search()
+        .where(sql_in("doc_id", doc_ids))
+        .select(["chunk_id"])
+        .limit(None)
+        .to_arrow()
+    )
+    return set(data.column("chunk_id").to_pylist())
+
+
+def write_batch(
+    store: Store, outcomes: Sequence[DocOutcome], rows: pa.Table | None, report: IngestReport
+) -> None:
+    """Upsert the batch's chunks and manifest rows, and count what happened in the report."""
+    replace = [
+        o.doc_id
+        for o in outcomes
+        if o.status == "ok" or (o.status == "failed" and not o.keep_chunks and o.state != "new")
+    ]
+    old_ids = _old_chunk_ids(store, replace)
+    new_ids = set(rows.column("chunk_id").to_pylist()) if rows is not None else set()
+    if rows is not None or replace:
+        empty = pa.Table.from_pylist([], schema=store.chunks().schema) if rows is None else rows
+        store.replace_chunks(empty, replace)
+    report.chunks.written += len(new_ids)
+    report.chunks.deleted += len(old_ids - new_ids)
+
+    need_old = [o.doc_id for o in outcomes if o.status in ("touch", "failed")]
+    old = _old_rows(store, need_old)
+    manifest: list[dict[str, Any]] = []
+    for o in outcomes:
+        prev = old.get(o.doc_id, {})
+        row: dict[str, Any] = {
+            "doc_id": o.doc_id,
+            "source": o.source,
+            "content_hash": o.content_hash,
+            "size": o.size,
+            "mtime": o.mtime,
+            "chunk_count": len(o.chunks),
+            "status": "ok",
+            "error": None,
+            "title": o.title,
+        }
+        if o.status == "touch":
+            row.update(chunk_count=prev.get("chunk_count", 0), title=prev.get("title"))
+            report.documents.unchanged += 1
+        elif o.status == "failed":
+            row.update(
+                status="failed",
+                error=o.error,
+                chunk_count=prev.get("chunk_count", 0) if o.keep_chunks else 0,
+                title=prev.get("title"),
+            )
+            if o.keep_chunks:
+                row["content_hash"] = prev.get("content_hash")
+            report.add_failure(o.doc_id, o.error or "failed")
+        else:
+            if o.state == "new":
+                report.documents.new += 1
+            else:
+                report.documents.changed += 1
+        manifest.append(row)
+    store.upsert_documents(manifest)

@@ -1,0 +1,124 @@
+"""The `lanceflow` command line in real subprocesses (each run starts Prefect's temporary
+server): JSON output, exit codes, and a crash mid-run followed by a re-run that converges to
+exactly what a clean run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tasks.store import CHUNKS, DOCUMENTS, Store
+
+from .conftest import REPO, SCIFACT
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_ingest_json_report_and_search_json(corpus, tmp_path):
+    db = str(tmp_path / "db")
+    out = _cli("ingest", str(corpus), "--table", db, "--json")
+    report = json.loads(out.stdout)  # stdout holds nothing but the report
+    assert set(report["documents"]) >= {"seen", "new", "changed", "unchanged", "deleted", "failed"}
+    assert set(report["chunks"]) >= {"embedded", "cached", "written", "deleted"}
+    assert {"failures", "table_version", "seconds"} <= set(report)
+    assert report["documents"]["new"] == 8
+    again = json.loads(_cli("ingest", str(corpus), "--table", db, "--json").stdout)
+    assert again["documents"]["unchanged"] == 8 and again["chunks"]["embedded"] == 0
+    hits = json.loads(_cli("search", "paid vacation days", "--table", db, "--json", "-k", "2").stdout)
+    assert hits[0]["doc_id"] == "reports/vacation-policy.html"
+    assert set(hits[0]) == {"doc_id", "chunk_id", "text", "score"}
+
+
+def test_exit_codes(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.pdf").write_bytes(b"broken")
+    (src / "b.txt").write_text("fine text")
+    (src / "c.docx").write_bytes(b"broken")
+    failed = _cli("ingest", str(src), "--table", str(tmp_path / "db"), "--json", check=False)
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["documents"]["failed"] == 2
+    assert "max_failed_fraction" in failed.stderr
+    missing = _cli("ingest", str(tmp_path / "nope"), "--table", str(tmp_path / "db"), check=False)
+    assert missing.returncode == 2 and "cannot be opened" in missing.stderr
+
+
+def _snapshot(db: str) -> tuple[dict, dict]:
+    store = Store(db)
+    data = store.table(CHUNKS).search().select(["chunk_id", "doc_id", "text", "vector"]).limit(None).to_arrow()
+    ids = data.column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate chunk ids"
+    chunks = {
+        cid: (doc, text, np.asarray(vec, dtype=np.float32))
+        for cid, doc, text, vec in zip(
+            ids, data.column("doc_id").to_pylist(), data.column("text").to_pylist(),
+            data.column("vector").to_pylist(), strict=True,
+        )
+    }
+    docs = store.table(DOCUMENTS).search().limit(None).to_arrow().to_pylist()
+    manifest = {r["doc_id"]: (r["content_hash"], r["chunk_count"], r["status"]) for r in docs}
+    return chunks, manifest
+
+
+def test_crash_mid_run_then_rerun_converges(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh, open(
+        src / "corpus.jsonl", "w", encoding="utf-8"
+    ) as out:
+        for i, line in enumerate(fh):
+            if i >= 240:
+                break
+            out.write(line)
+    crashed = str(tmp_path / "crashed")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", str(src), "--table", crashed,
+         "--batch-docs", "16"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 400
+    written = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            written = Store(crashed).table(DOCUMENTS).count_rows()
+        except Exception:
+            continue
+        if written >= 48:
+            break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < written < 240
+    rerun = json.loads(_cli("ingest", str(src), "--table", crashed, "--json").stdout)
+    assert rerun["documents"]["failed"] == 0
+    clean = str(tmp_path / "clean")
+    _cli("ingest", str(src), "--table", clean, "--json")
+    got_chunks, got_manifest = _snapshot(crashed)
+    want_chunks, want_manifest = _snapshot(clean)
+    assert got_manifest == want_manifest
+    assert set(got_chunks) == set(want_chunks)
+    for cid, (doc, text, vec) in want_chunks.items():
+        gdoc, gtext, gvec = got_chunks[cid]
+        assert (gdoc, gtext) == (doc, text)
+        assert float(np.dot(gvec, vec)) > 0.999

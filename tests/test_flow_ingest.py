@@ -1,0 +1,179 @@
+"""The ingest flow under the Prefect test harness, with the real bundled model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from flows.ingest import ingest
+from tasks.errors import ModelMismatchError, TooManyFailuresError
+from tasks.settings import IngestParams
+from tasks.store import CHUNKS, DOCUMENTS, RUNS, Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _params(src, db, **kw) -> IngestParams:
+    return IngestParams.model_validate(
+        {"source": {"uri": str(src)}, "store": {"uri": str(db)}, **kw}
+    )
+
+
+def _vectors(store: Store) -> dict[str, np.ndarray]:
+    data = store.table(CHUNKS).search().select(["chunk_id", "vector"]).limit(None).to_arrow()
+    return {
+        cid: np.asarray(v, dtype=np.float32)
+        for cid, v in zip(
+            data.column("chunk_id").to_pylist(), data.column("vector").to_pylist(), strict=True
+        )
+    }
+
+
+def _docs(store: Store) -> dict[str, dict]:
+    rows = store.table(DOCUMENTS).search().limit(None).to_arrow().to_pylist()
+    return {r["doc_id"]: r for r in rows}
+
+
+def test_first_run_ingests_every_format(corpus, tmp_path):
+    report = ingest(_params(corpus, tmp_path / "db"))
+    d = report.documents
+    assert (d.seen, d.new, d.failed, d.unchanged) == (8, 8, 0, 0)
+    assert report.chunks.embedded > 0 and report.chunks.written == report.chunks.embedded
+    store = Store(str(tmp_path / "db"))
+    tbl = store.table(CHUNKS)
+    ids = tbl.search().select(["chunk_id"]).limit(None).to_arrow().column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids)) == report.chunks.written
+    assert store.table_model().model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert store.table_model().dimension == 384
+    assert {"text_idx", "text_cjk_idx"} <= store.index_names()
+    pdf_rows = tbl.search().where("doc_id = 'reports/expenses.pdf'").limit(None).to_arrow()
+    assert min(pdf_rows.column("page_start").to_pylist()) == 1
+    runs = store.table(RUNS).search().limit(None).to_arrow().to_pylist()
+    assert len(runs) == 1 and runs[0]["documents_seen"] == 8
+
+
+def test_incremental_add_modify_delete_rename(corpus, tmp_path):
+    db = tmp_path / "db"
+    first = ingest(_params(corpus, db))
+    store = Store(str(db))
+    before = _vectors(store)
+    untouched_ids = set(
+        store.table(CHUNKS).search().where("doc_id = 'guides/coffee.txt'").select(["chunk_id"])
+        .limit(None).to_arrow().column("chunk_id").to_pylist()
+    )
+
+    (corpus / "guides" / "new.md").write_text(
+        "# Parking\n\nThe car park opens at seven and closes at midnight.", encoding="utf-8"
+    )
+    setup = corpus / "guides" / "setup.md"
+    setup.write_text(setup.read_text() + "\n## Upgrading\n\nRun pip install -U lanceflow.\n")
+    (corpus / "guides" / "troubleshooting.md").unlink()
+    shutil.move(corpus / "ko" / "security.txt", corpus / "ko" / "security-rules.txt")
+    # touched but unchanged: only its modification time moves
+    os.utime(corpus / "reports" / "vacation-policy.html", (1e9, 1e9))
+
+    second = ingest(_params(corpus, db))
+    d = second.documents
+    assert d.seen == 8
+    assert d.new == 2  # new.md and the renamed file
+    assert d.changed == 1  # setup.md
+    assert d.deleted == 2  # troubleshooting.md and the old name of the renamed file
+    assert d.unchanged == 5 - 2 + 0  # coffee, onboarding, remote-work, expenses, vacation
+    assert d.failed == 0
+    # the renamed file and setup.md's unchanged sections come from the cache
+    assert second.chunks.cached >= 1
+    assert second.chunks.embedded < first.chunks.embedded
+
+    docs = _docs(store)
+    assert "guides/troubleshooting.md" not in docs and "ko/security.txt" not in docs
+    assert "ko/security-rules.txt" in docs
+    after = _vectors(store)
+    for cid in untouched_ids:
+        np.testing.assert_array_equal(before[cid], after[cid])
+    tbl = store.table(CHUNKS)
+    assert tbl.count_rows("doc_id = 'guides/troubleshooting.md'") == 0
+    assert tbl.count_rows("doc_id = 'ko/security.txt'") == 0
+    assert tbl.count_rows() == sum(r["chunk_count"] for r in docs.values())
+
+    third = ingest(_params(corpus, db))
+    assert third.documents.unchanged == 8
+    assert third.chunks.embedded == 0 and third.chunks.written == 0
+
+
+def test_bad_inputs_are_skipped_and_recorded(corpus, tmp_path):
+    bad = corpus / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "binary.md").write_bytes(b"\x00\x01\x02\x03" * 200)
+    (bad / "corrupt.pdf").write_bytes(b"%PDF-1.7\n garbage")
+    (bad / "corrupt.docx").write_bytes(b"PK\x03\x04garbage")
+    (bad / "big.txt").write_text("word " * 400_000)
+    locked = bad / "locked.txt"
+    locked.write_text("secret")
+    locked.chmod(0)
+    os.symlink(bad / "loop.txt", bad / "loop.txt")
+    report = ingest(_params(corpus, tmp_path / "db", source={"uri": str(corpus), "max_file_mb": 1}))
+    failed = {f.doc_id: f.error for f in report.failures}
+    expected = {
+        "bad/empty.txt": "empty",
+        "bad/binary.md": "binary",
+        "bad/corrupt.pdf": "PDF",
+        "bad/corrupt.docx": "DOCX",
+        "bad/big.txt": "max_file_mb",
+        "bad/loop.txt": "symlink loop",
+    }
+    if os.geteuid() != 0:  # root reads any file
+        expected["bad/locked.txt"] = "permission"
+    for doc_id, reason in expected.items():
+        assert reason in failed[doc_id], (doc_id, failed.get(doc_id))
+    assert report.documents.new == 8 + (1 if os.geteuid() == 0 else 0)
+    docs = _docs(Store(str(tmp_path / "db")))
+    assert docs["bad/corrupt.pdf"]["status"] == "failed"
+    assert "PDF" in docs["bad/corrupt.pdf"]["error"]
+
+
+def test_run_fails_when_most_documents_fail(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("One readable document about vacation days.")
+    for i in range(3):
+        (src / f"bad{i}.pdf").write_bytes(b"not a pdf")
+    with pytest.raises(TooManyFailuresError) as exc_info:
+        ingest(_params(src, tmp_path / "db"))
+    assert exc_info.value.report.documents.failed == 3
+    # the good document is still written, and the run is on record
+    store = Store(str(tmp_path / "db"))
+    assert store.table(CHUNKS).count_rows("doc_id = 'good.txt'") == 1
+    assert store.table(RUNS).search().limit(None).to_arrow().to_pylist()[0]["status"] == "failed"
+    # a higher threshold lets the same corpus pass
+    ok = ingest(_params(src, tmp_path / "db", max_failed_fraction=0.9))
+    assert ok.status == "completed"
+
+
+def test_another_model_is_refused_before_any_work(corpus, tmp_path):
+    ingest(_params(corpus, tmp_path / "db"))
+    with pytest.raises(ModelMismatchError, match="all-MiniLM-L6-v2"):
+        ingest(_params(corpus, tmp_path / "db", embedder={"model": str(tmp_path / "other")}))
+
+
+def test_records_file_ingests_as_documents(tmp_path):
+    from .conftest import SCIFACT
+
+    src = tmp_path / "scifact"
+    src.mkdir()
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh, open(
+        src / "corpus.jsonl", "w", encoding="utf-8"
+    ) as out:
+        for i, line in enumerate(fh):
+            if i >= 30:
+                break
+            out.write(line)
+    report = ingest(_params(src, tmp_path / "db"))
+    assert report.documents.new == 30
+    docs = _docs(Store(str(tmp_path / "db")))
+    assert "4983" in docs  # BEIR ids as document ids
+    again = ingest(_params(src, tmp_path / "db"))
+    assert again.documents.unchanged == 30 and again.chunks.embedded == 0

@@ -1,0 +1,89 @@
+"""Pure units: listing, globs, records and the ids and hashes derived from them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tasks.errors import SourceError
+from tasks.identity import chunk_id, content_hash, text_hash
+from tasks.settings import SourceSettings
+from tasks.sources import Record, RecordError, Source, selected
+
+
+def _ids(source: Source) -> list[str]:
+    return [e.rel for e in source.iter_entries()]
+
+
+def test_document_ids_are_paths_relative_to_the_root(corpus):
+    ids = _ids(Source(SourceSettings(uri=str(corpus))))
+    assert "guides/setup.md" in ids and "ko/remote-work.docx" in ids
+    assert all(not i.startswith("/") for i in ids)
+
+
+def test_globs_and_hidden_files(corpus):
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "notes.md").write_text("# hidden")
+    (corpus / "image.png").write_bytes(b"\x89PNG")
+    assert "image.png" not in _ids(Source(SourceSettings(uri=str(corpus))))
+    assert ".git/notes.md" not in _ids(Source(SourceSettings(uri=str(corpus))))
+    only_md = _ids(Source(SourceSettings(uri=str(corpus), include=["*.md"])))
+    assert set(only_md) == {"guides/setup.md", "guides/troubleshooting.md", "ko/onboarding.md"}
+    no_ko = _ids(Source(SourceSettings(uri=str(corpus), exclude=["ko/**"])))
+    assert not any(i.startswith("ko/") for i in no_ko)
+
+
+def test_selected_matches_double_star():
+    assert selected("a/b/c.md", ["**/*.md"], [])
+    assert selected("c.md", ["**/*.md"], [])
+    assert not selected("a/c.md", [], ["a/*"])
+
+
+def test_symlink_loops_are_reported_not_followed(corpus):
+    os.symlink(corpus / "loop.md", corpus / "loop.md")  # a link to itself
+    os.symlink(corpus, corpus / "guides" / "up")  # a folder link back to the root
+    src = Source(SourceSettings(uri=str(corpus)))
+    entries = {e.rel: e for e in src.iter_entries()}
+    assert entries["loop.md"].error == "symlink loop"
+    assert not any(r.startswith("guides/up/") for r in entries)
+    assert src.listing_errors and "loop" in src.listing_errors[0][1]
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="cannot be opened"):
+        list(Source(SourceSettings(uri=str(tmp_path / "nope"))).iter_entries())
+
+
+def test_jsonl_records_use_their_id_column(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    rows = [{"_id": "a", "title": "T", "text": "x"}, {"_id": "b", "text": "y"}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n", encoding="utf-8")
+    src = Source(SourceSettings(uri=str(p)))
+    [entry] = list(src.iter_entries())
+    recs = list(src.iter_records(entry))
+    assert [r.doc_id for r in recs if isinstance(r, Record)] == ["a", "b"]
+    assert isinstance(recs[2], RecordError) and recs[2].line == 3
+
+
+def test_csv_and_parquet_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.csv").write_text("id,title,text\n1,One,first\n2,Two,second\n", encoding="utf-8")
+    pq.write_table(pa.table({"doc_id": ["p1"], "text": ["parquet text"]}), tmp_path / "b.parquet")
+    src = Source(SourceSettings(uri=str(tmp_path)))
+    got = {}
+    for e in src.iter_entries():
+        for r in src.iter_records(e):
+            assert isinstance(r, Record)
+            got[r.doc_id] = r.text
+    assert got == {"1": "first", "2": "second", "p1": "parquet text"}
+
+
+def test_ids_are_deterministic():
+    assert content_hash(b"x") == content_hash(b"x") != content_hash(b"y")
+    h = text_hash("chunk")
+    assert chunk_id("d", 0, h) == chunk_id("d", 0, h)
+    assert chunk_id("d", 0, h) != chunk_id("e", 0, h) != chunk_id("d", 1, h)

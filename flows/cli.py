@@ -22,7 +22,12 @@ def _ingest_parser(sub: Any) -> None:
     p.add_argument(
         "--table", default=DEFAULT_DB_URI, help=f"LanceDB directory (default {DEFAULT_DB_URI})"
     )
-    p.add_argument("--embedder", default="local", choices=["local"], help="embedding backend")
+    p.add_argument(
+        "--embedder",
+        default="local",
+        choices=["local", "openai"],
+        help="local sentence-transformers model, or the OpenAI(-compatible) API",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model id or directory")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
@@ -121,6 +126,18 @@ def _ingest(args: argparse.Namespace) -> int:
                     "device": args.device,
                     "backend": args.backend,
                     "batch_size": args.batch_size,
+                    "base_url": args.base_url,
+                    "dimensions": args.dimensions,
+                    "api_key_secret": args.api_key_secret,
+                    "organization": args.organization,
+                    "project": args.project,
+                    "rpm": args.rpm,
+                    "tpm": args.tpm,
+                    "max_concurrency": args.concurrency,
+                    "timeout_s": args.timeout,
+                    "oversize": args.oversize,
+                    "price_per_million_tokens": args.price,
+                    "fleet_limit": args.fleet_limit,
                 },
                 "batch_docs": args.batch_docs,
                 "max_failed_fraction": args.max_failed_fraction,
@@ -129,6 +146,22 @@ def _ingest(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"lanceflow: invalid option: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.dry_run:
+        from tasks.runs import dry_run
+
+        planned = dry_run(params)
+        if args.json:
+            print(planned.model_dump_json())
+        else:
+            d, c = planned.documents, planned.chunks
+            print(
+                f"dry run: {d.seen} documents seen, {d.new} new, {d.changed} changed, "
+                f"{d.deleted} to delete, {d.failed} unreadable\n"
+                f"chunks: {c.embedded} to embed, {c.cached} from the cache\n"
+                f"tokens: {planned.tokens}, estimated cost: ${planned.cost_usd:.4f} "
+                f"({params.embedder.model})"
+            )
+        return 0
     code = 0
     try:
         from tasks.runs import quick_check
@@ -152,7 +185,8 @@ def _ingest(args: argparse.Namespace) -> int:
             f"unchanged, {d.deleted} deleted, {d.failed} failed\n"
             f"chunks: {c.embedded} embedded, {c.cached} from cache, {c.written} written, "
             f"{c.deleted} deleted\n"
-            f"table {report.table} version {report.table_version}, {report.seconds:.1f} s"
+            + (f"tokens: {report.tokens}, cost ${report.cost_usd:.4f}\n" if report.tokens else "")
+            + f"table {report.table} version {report.table_version}, {report.seconds:.1f} s"
         )
         for f in report.failures[:20]:
             print(f"  failed: {f.doc_id}: {f.error}")

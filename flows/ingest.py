@@ -20,6 +20,7 @@ from tasks.steps import (
     delete_documents,
     embed_chunks,
     list_documents,
+    mark_record_files,
     open_run_task,
     read_documents,
     refresh_indexes,
@@ -61,6 +62,7 @@ def ingest(params: IngestParams) -> IngestReport:
                 update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)
     finally:
         plan.cleanup()
+    mark_record_files(run, plan)
     delete_documents(run, plan)
     changed = plan.to_process > 0 or bool(plan.deleted_ids)
     indexes = refresh_indexes(run, changed)

@@ -59,7 +59,12 @@ class Chunker:
     """Splits parsed documents with one tokenizer and one budget."""
 
     def __init__(
-        self, tokenizer: Tokenizer, chunk_tokens: int, overlap: int = 0, whole: bool = False
+        self,
+        tokenizer: Tokenizer | None,
+        chunk_tokens: int,
+        overlap: int = 0,
+        whole: bool = False,
+        tiktoken_model: str | None = None,
     ) -> None:
         from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
@@ -72,12 +77,25 @@ class Chunker:
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
         self.whole = whole
-        self._text: Any = TextSplitter.from_huggingface_tokenizer(
-            tokenizer, chunk_tokens, overlap=overlap
-        )
-        self._markdown: Any = MarkdownSplitter.from_huggingface_tokenizer(
-            tokenizer, chunk_tokens, overlap=overlap
-        )
+        self._text: Any
+        self._markdown: Any
+        if tiktoken_model is not None:
+            # tiktoken's BPE, compiled into the splitter: no download
+            self._text = TextSplitter.from_tiktoken_model(
+                tiktoken_model, chunk_tokens, overlap=overlap
+            )
+            self._markdown = MarkdownSplitter.from_tiktoken_model(
+                tiktoken_model, chunk_tokens, overlap=overlap
+            )
+        elif tokenizer is not None:
+            self._text = TextSplitter.from_huggingface_tokenizer(
+                tokenizer, chunk_tokens, overlap=overlap
+            )
+            self._markdown = MarkdownSplitter.from_huggingface_tokenizer(
+                tokenizer, chunk_tokens, overlap=overlap
+            )
+        else:
+            raise ConfigurationError("a chunker needs a tokenizer")
 
     def split(self, doc: ParsedDocument) -> list[ChunkSpan]:
         if self.whole:

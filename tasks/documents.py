@@ -30,6 +30,8 @@ class DocOutcome:
     error: str | None = None
     #: a failed read leaves the last good chunks in place (the content is unknown, not gone)
     keep_chunks: bool = False
+    #: failed, but some chunks were embedded: those replace the document's old chunks
+    partial: bool = False
     parsed: ParsedDocument | None = None
     chunks: list[ChunkSpan] = field(default_factory=list)
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from tasks.chunking import Chunker
 from tasks.documents import DocOutcome
 from tasks.embedders.base import Embedder
+from tasks.errors import ConfigurationError, PartialEmbeddingError
 from tasks.identity import chunk_id, text_hash
+from tasks.settings import DEFAULT_API_CHUNK_TOKENS, ChunkSettings, EmbedderSettings
 from tasks.store import Store, chunks_schema, cjk_text, vectors_to_arrow
 
 log = logging.getLogger(__name__)
@@ -43,10 +47,30 @@ def embed_outcomes(
         if h not in cached and h not in missing:
             missing[h] = c.text
     vectors: dict[str, np.ndarray] = dict(cached)
+    rejected: dict[str, str] = {}
     if missing:
-        fresh = embedder.embed(list(missing.values()))
+        try:
+            fresh = embedder.embed(list(missing.values()))
+        except PartialEmbeddingError as exc:
+            fresh = exc.vectors
+            keys = list(missing)
+            rejected = {keys[i]: why for i, why in exc.failed.items()}
         for h, v in zip(missing, fresh, strict=True):
-            vectors[h] = v
+            if h not in rejected:
+                vectors[h] = v
+    if rejected:
+        # the document keeps its other chunks and is marked failed, so the next run retries
+        # only the rejected chunk (the others come from the cache)
+        for o in outcomes:
+            bad = [c for c in o.chunks if text_hash(c.text) in rejected]
+            if bad and o.status == "ok":
+                o.status, o.partial = "failed", True
+                o.error = f"chunk {bad[0].index}: {rejected[text_hash(bad[0].text)]}"
+        kept = [(s, h) for s, h in zip(spans, hashes, strict=True) if h not in rejected]
+        spans = [s for s, _ in kept]
+        hashes = [h for _, h in kept]
+        if not spans:
+            return EmbeddedBatch(None, len(missing) - len(rejected), 0)
     matrix = np.stack([vectors[h] for h in hashes]).astype(np.float32, copy=False)
     dim = int(matrix.shape[1])
     schema = chunks_schema(dim, embedder.model_id, embedder_kind)
@@ -75,5 +99,72 @@ def embed_outcomes(
         for f in schema
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    embedded = len(missing)
+    embedded = len(missing) - len(rejected)
     return EmbeddedBatch(table, embedded, len(spans) - embedded)
+
+
+def build_embedder(settings: EmbedderSettings, require_key: bool = True) -> Embedder:
+    """The embedder the settings ask for; one per process and settings."""
+    if settings.kind == "local":
+        from tasks.embedders.local import get_local_embedder
+
+        return get_local_embedder(
+            settings.model,
+            device=settings.device,
+            backend=settings.backend,
+            batch_size=settings.batch_size,
+        )
+    from tasks.embedders.openai import get_openai_embedder
+
+    return get_openai_embedder(settings, resolve_api_key(settings, required=require_key))
+
+
+def resolve_api_key(settings: EmbedderSettings, required: bool = True) -> str | None:
+    """The API key from a Prefect Secret block or OPENAI_API_KEY; never logged."""
+    import os
+
+    key: str | None = None
+    if settings.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            block: Any = Secret.load(settings.api_key_secret)
+            key = str(block.get())
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"no Prefect Secret block named {settings.api_key_secret!r}: create it in the UI "
+                "or with Secret(value=...).save(name)"
+            ) from exc
+    else:
+        key = os.environ.get("OPENAI_API_KEY") or None
+    if required and not key:
+        raise ConfigurationError(
+            "no OpenAI API key: set OPENAI_API_KEY, or name a Prefect Secret block with "
+            "--api-key-secret (for an OpenAI-compatible server without keys, set any value)"
+        )
+    return key
+
+
+def make_chunker(embedder: Embedder, chunking: ChunkSettings) -> Chunker:
+    """A chunker counting in the embedder's own tokens."""
+    from tasks.embedders.openai import OpenAIEmbedder
+
+    whole = chunking.strategy == "whole"
+    if isinstance(embedder, OpenAIEmbedder):
+        from tasks.tokens import encoding_name_for
+
+        size = chunking.chunk_tokens or DEFAULT_API_CHUNK_TOKENS
+        # inputs above the per-input limit are split (or refused) by the embedder itself
+        tiktoken_model = {"o200k_base": "gpt-4o"}.get(
+            encoding_name_for(embedder.model_id), "text-embedding-3-small"
+        )
+        return Chunker(None, size, chunking.overlap, whole=whole, tiktoken_model=tiktoken_model)
+    emb: Any = embedder
+    limit = emb.max_tokens
+    size = chunking.chunk_tokens or limit
+    if size > limit:
+        raise ConfigurationError(
+            f"chunk_tokens={size} exceeds what {emb.model_id} reads ({limit} tokens plus its "
+            "special tokens); longer chunks would be truncated silently. Lower --chunk-tokens."
+        )
+    return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole)

@@ -7,6 +7,9 @@
     │   ├── ReadError              I/O failed (permissions, vanished, symlink loop)
     │   └── ParseError             content is not what its extension says
     ├── ModelError                 the embedding model cannot be loaded
+    ├── EmbeddingAuthError         the embeddings API refused the key (401/403): stop at once
+    ├── QuotaExhaustedError        the account's quota is spent (429 insufficient_quota)
+    ├── PartialEmbeddingError      some inputs were rejected; carries the other vectors
     ├── ModelMismatchError         the table was built with another model or dimension
     ├── TableError                 the LanceDB table is missing or unusable
     └── TooManyFailuresError       the failed share exceeded the configured threshold
@@ -46,6 +49,26 @@ class ParseError(DocumentError):
 
 class ModelError(LanceflowError):
     """The embedding model cannot be loaded or run."""
+
+
+class EmbeddingAuthError(LanceflowError):
+    """The embeddings API refused the credentials; retrying cannot help."""
+
+
+class QuotaExhaustedError(LanceflowError):
+    """The account's quota is spent; retrying cannot help."""
+
+
+class PartialEmbeddingError(LanceflowError):
+    """Some inputs of a batch were rejected (e.g. a 400 for one input).
+
+    `vectors` holds every row (rejected rows are zeros); `failed` maps row -> reason.
+    """
+
+    def __init__(self, vectors: Any, failed: dict[int, str]) -> None:
+        super().__init__(f"{len(failed)} inputs rejected by the embeddings API")
+        self.vectors = vectors
+        self.failed = failed
 
 
 class ModelMismatchError(LanceflowError):

@@ -42,6 +42,10 @@ WORK_SCHEMA = pa.schema(
 
 Manifest = dict[str, tuple[str | None, int, float, str, str]]
 
+#: the manifest status of a record file's own row, written once all its records are stored;
+#: only then may a later run skip the file by its size and modification time
+RECORDS_MARKER = "records-file"
+
 
 @dataclass
 class Plan:
@@ -54,10 +58,21 @@ class Plan:
     deleted_ids: list[str] = field(default_factory=list)
     listing_complete: bool = True
     listing_errors: list[tuple[str, str]] = field(default_factory=list)
+    #: record files streamed to the end this run: (path, size, mtime), marked done afterwards
+    record_files: list[tuple[str, int, float]] = field(default_factory=list)
+    #: manifest markers of record files that vanished
+    deleted_markers: list[str] = field(default_factory=list)
+    #: record-file paths in `seen` only as markers, not as documents
+    marker_ids: set[str] = field(default_factory=set)
 
     @property
     def nothing_to_do(self) -> bool:
-        return self.to_process == 0 and not self.deleted_ids
+        return (
+            self.to_process == 0
+            and not self.deleted_ids
+            and not self.deleted_markers
+            and not self.record_files
+        )
 
     def cleanup(self) -> None:
         try:
@@ -143,12 +158,15 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
             )
     finally:
         spill.close()
-    plan.seen = len(seen)
+    markers = {d for d, row in manifest.items() if row[3] == RECORDS_MARKER}
+    plan.seen = len(seen) - len(plan.marker_ids)
     plan.to_process = spill.count
     plan.listing_complete = source.complete
     plan.listing_errors = list(source.listing_errors)
     if source.complete:
-        plan.deleted_ids = sorted(doc_id for doc_id in manifest if doc_id not in seen)
+        gone = sorted(doc_id for doc_id in manifest if doc_id not in seen)
+        plan.deleted_ids = [d for d in gone if d not in markers]
+        plan.deleted_markers = [d for d in gone if d in markers]
     else:
         log.warning("the listing was incomplete: nothing is deleted in this run")
     return plan
@@ -172,9 +190,14 @@ def _plan_records(
     plan: Plan,
 ) -> None:
     known = by_source.get(entry.rel, [])
-    if known and all(
-        manifest[d][3] == "ok" and manifest[d][1] == entry.size and manifest[d][2] == entry.mtime
-        for d in known
+    seen.add(entry.rel)  # the file's own marker row
+    plan.marker_ids.add(entry.rel)
+    marker = manifest.get(entry.rel)
+    if (
+        marker is not None
+        and marker[3] == RECORDS_MARKER
+        and (marker[1], marker[2]) == (entry.size, entry.mtime)
+        and all(manifest[d][3] == "ok" for d in known)
     ):
         seen.update(known)
         plan.unchanged += len(known)
@@ -182,10 +205,11 @@ def _plan_records(
     try:
         for rec in source.iter_records(entry):
             _plan_record(rec, entry, manifest, seen, spill, plan)
+        plan.record_files.append((entry.rel, entry.size, entry.mtime))
     except DocumentError as exc:
         # the whole record file is unreadable: keep its documents (nothing to compare with)
         seen.update(known)
-        seen.add(entry.rel)
+        plan.marker_ids.discard(entry.rel)  # counted as a failed document instead
         spill.add(
             doc_id=entry.rel,
             kind="error",

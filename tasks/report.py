@@ -39,6 +39,8 @@ class IngestReport(BaseModel):
     failures_not_listed: int = 0
     listing_complete: bool = True
     table_version: int = 0
+    tokens: int = 0  # tokens sent to a paid embeddings API
+    cost_usd: float = 0.0  # their estimated cost at the configured price
     seconds: float = 0.0
     orchestrated: bool = True
     status: str = "completed"

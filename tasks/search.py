@@ -2,7 +2,8 @@
 
 Modes: 'vector' (cosine over the chunk vectors), 'fts' (BM25 over the English-stemmed text
 index, or the character-bigram index for Korean/Chinese/Japanese queries) and 'hybrid'
-(reciprocal rank fusion of both).
+(reciprocal rank fusion of both at the document level: one result per document, shown by its
+best chunk).
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def embedder_for_table(store: Store, **overrides: Any) -> Embedder:
         from tasks.embedders.local import get_local_embedder
 
         return get_local_embedder(recorded.model_id, **overrides)
+    if recorded.embedder == "openai":
+        from tasks.embedding import build_embedder
+        from tasks.settings import EmbedderSettings
+
+        dims = recorded.dimension
+        settings = EmbedderSettings.model_validate(
+            {"kind": "openai", "model": recorded.model_id, **overrides}
+        )
+        if settings.dimensions is None and recorded.model_id.startswith("text-embedding-3"):
+            from tasks.embedders.openai import MODEL_DIMENSIONS
+
+            if MODEL_DIMENSIONS.get(recorded.model_id) != dims:
+                settings = settings.model_copy(update={"dimensions": dims})
+        return build_embedder(settings)
     raise ConfigurationError(f"unknown embedder {recorded.embedder!r} recorded in the table")
 
 
@@ -76,20 +91,34 @@ def _fts_hits(tbl: Any, query: str, column: str, n: int) -> list[dict[str, Any]]
         raise
 
 
-def rrf(lists: Sequence[Sequence[dict[str, Any]]], k: int = RRF_K) -> list[dict[str, Any]]:
-    """Reciprocal rank fusion of ranked lists of rows keyed by chunk_id."""
+def rrf(
+    lists: Sequence[Sequence[dict[str, Any]]], k: int = RRF_K, key: str = "chunk_id"
+) -> list[dict[str, Any]]:
+    """Reciprocal rank fusion of ranked lists of rows.
+
+    With key='doc_id' each list is first reduced to its documents (a document ranks where its
+    best chunk ranks) and every document is shown by the best-ranked of its chunks."""
     scores: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
+    best_rank: dict[str, int] = {}
     for ranked in lists:
-        for rank, row in enumerate(ranked, start=1):
-            cid = row["chunk_id"]
-            scores[cid] = scores.get(cid, 0.0) + 1.0 / (k + rank)
-            rows.setdefault(cid, row)
+        seen: set[str] = set()
+        rank = 0
+        for pos, row in enumerate(ranked, start=1):
+            ident = row[key]
+            if ident in seen:
+                continue
+            seen.add(ident)
+            rank += 1
+            scores[ident] = scores.get(ident, 0.0) + 1.0 / (k + rank)
+            if ident not in rows or pos < best_rank[ident]:
+                rows[ident] = row
+                best_rank[ident] = pos
     order = sorted(scores, key=lambda c: scores[c], reverse=True)
     out = []
-    for cid in order:
-        row = dict(rows[cid])
-        row["_score"] = scores[cid]
+    for ident in order:
+        row = dict(rows[ident])
+        row["_score"] = scores[ident]
         out.append(row)
     return out
 

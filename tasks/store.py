@@ -148,7 +148,8 @@ class Store:
 
         self.uri = uri
         try:
-            self.db = lancedb.connect(uri)
+            # strong consistency: every read sees the latest commit, from any writer
+            self.db = lancedb.connect(uri, read_consistency_interval=timedelta(0))
         except Exception as exc:
             raise TableError(f"cannot open LanceDB at {uri!r}: {exc}") from exc
         self._tables: dict[str, Any] = {}

@@ -45,16 +45,22 @@ def write_batch(
     replace = [
         o.doc_id
         for o in outcomes
-        if o.status == "ok" or (o.status == "failed" and not o.keep_chunks and o.state != "new")
+        if o.status == "ok"
+        or o.partial
+        or (o.status == "failed" and not o.keep_chunks and o.state != "new")
     ]
     old_ids = _old_chunk_ids(store, replace)
     new_ids = set(rows.column("chunk_id").to_pylist()) if rows is not None else set()
-    if rows is not None or replace:
+    if rows is not None or (replace and store.has(CHUNKS)):
         empty = pa.Table.from_pylist([], schema=store.chunks().schema) if rows is None else rows
         store.replace_chunks(empty, replace)
     report.chunks.written += len(new_ids)
     report.chunks.deleted += len(old_ids - new_ids)
 
+    per_doc: dict[str, int] = {}
+    if rows is not None:
+        for doc_id in rows.column("doc_id").to_pylist():
+            per_doc[doc_id] = per_doc.get(doc_id, 0) + 1
     need_old = [o.doc_id for o in outcomes if o.status in ("touch", "failed")]
     old = _old_rows(store, need_old)
     manifest: list[dict[str, Any]] = []
@@ -83,6 +89,8 @@ def write_batch(
             )
             if o.keep_chunks:
                 row["content_hash"] = prev.get("content_hash")
+            if o.partial:
+                row.update(chunk_count=per_doc.get(o.doc_id, 0), title=o.title)
             report.add_failure(o.doc_id, o.error or "failed")
         else:
             if o.state == "new":

@@ -23,6 +23,8 @@ QUERIES = [
     {"id": "429", "query": "rate limit errors from the API", "relevant": ["guides/troubleshooting.md"]},
     {"id": "pw", "query": "비밀번호 변경", "relevant": ["ko/security.txt"]},
     {"id": "hotel", "query": "hotel price cap", "relevant": ["reports/expenses.pdf"]},
+    # a judgment no system meets: keeps every mode below a perfect score
+    {"id": "odd", "query": "bike storage in the basement", "relevant": ["guides/setup.md"]},
 ]
 
 
@@ -44,7 +46,7 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     qfile = _write_queries(tmp_path / "labels.jsonl", QUERIES)
     params = EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}})
     summary = evaluate(params)
-    assert summary["queries"] == 4 and summary["gate"]["passed"]
+    assert summary["queries"] == 5 and summary["gate"]["passed"]
     assert set(summary["results"]) == {"vector", "fts", "hybrid"}
     for mode in ("vector", "hybrid"):
         assert summary["results"][mode]["ndcg@10"] > 0.7, summary["results"]
@@ -58,8 +60,9 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     assert store.table(EVALUATIONS).count_rows() == 3
 
     # an absolute floor nobody reaches: the run fails and names the metric and values
-    strict = params.model_copy(update={"gate": {"min_ndcg_at_10": 0.999, "max_drop": None}})
-    strict = EvaluateParams.model_validate(strict.model_dump())
+    strict = EvaluateParams.model_validate(
+        {**params.model_dump(), "gate": {"min_ndcg_at_10": 0.999, "max_drop": None}}
+    )
     with pytest.raises(QualityGateError, match=r"ndcg@10 = 0\.\d+ is below min_ndcg_at_10"):
         evaluate(strict)
 
@@ -143,6 +146,10 @@ def test_scifact_slice_end_to_end(tmp_path):
     summary = evaluate(EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}}))
     res = {m: v["ndcg@10"] for m, v in summary["results"].items()}
     random_ndcg = 10 / n_docs  # generous upper bound for a random ranking of one relevant doc
-    assert res["vector"] > 0.6 > 10 * random_ndcg, res
-    assert res["hybrid"] >= res["fts"] + 0.02, res
+    for mode in ("vector", "fts", "hybrid"):
+        assert res[mode] > 0.6 > 20 * random_ndcg, res
+    # on SciFact, BM25 is strong (0.665 published, above this model's 0.645): fusion must not
+    # lose much against the better of its two inputs, and must beat the dense model alone
+    assert res["hybrid"] >= max(res["vector"], res["fts"]) - 0.03, res
+    assert res["hybrid"] > res["vector"], res
     assert summary["unknown_documents"] == 0

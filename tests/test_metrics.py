@@ -10,7 +10,8 @@ from tasks.metrics import score_run
 
 
 def _dcg(gains: list[float]) -> float:
-    return sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(gains))
+    # trec_eval's (and so BEIR's and MTEB's) nDCG uses the relevance grade as the gain
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains))
 
 
 def test_small_run_matches_hand_computed_values():

@@ -33,6 +33,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/ingest_scifact.py
+	$(PY) benchmarks/evaluate_scifact.py
+	$(PY) benchmarks/openai_ratelimit.py
 
 clean:
 	rm -rf .demo-lancedb lancedb .pytest_cache .mypy_cache .ruff_cache

@@ -48,6 +48,26 @@ def _ingest_parser(sub: Any) -> None:
     p.add_argument("--id-field", default=None, help="record files: id column")
     p.add_argument("--title-field", default="title", help="record files: title column")
     p.add_argument("--text-field", default="text", help="record files: text column")
+    api = p.add_argument_group("openai embedder (the key: OPENAI_API_KEY or --api-key-secret)")
+    api.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
+    api.add_argument("--dimensions", type=int, default=None, help="text-embedding-3 dimensions")
+    api.add_argument("--api-key-secret", default=None, help="Prefect Secret block with the key")
+    api.add_argument("--organization", default=None)
+    api.add_argument("--project", default=None)
+    api.add_argument("--rpm", type=int, default=3_000, help="requests per minute")
+    api.add_argument("--tpm", type=int, default=1_000_000, help="tokens per minute")
+    api.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    api.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    api.add_argument("--oversize", default="split", choices=["split", "refuse"])
+    api.add_argument("--price", type=float, default=None, help="USD per million tokens")
+    api.add_argument(
+        "--fleet-limit", default=None, help="Prefect global concurrency limit shared by workers"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count documents, chunks, tokens and cost; write and embed nothing",
+    )
     p.add_argument(
         "--always-flow", action="store_true", help="run the Prefect flow even when nothing changed"
     )

@@ -97,6 +97,10 @@ class _Spill:
         if len(self.rows) >= self.flush_rows:
             self.flush()
 
+    def add_for(self, entry: FileEntry, **row: Any) -> None:
+        """A row about something found in `entry` (its path, size and time filled in)."""
+        self.add(path=entry.path, source=entry.rel, size=entry.size, mtime=entry.mtime, **row)
+
     def flush(self) -> None:
         if self.rows:
             self.writer.write_batch(pa.RecordBatch.from_pylist(self.rows, schema=WORK_SCHEMA))
@@ -119,13 +123,10 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
         for entry in source.iter_entries():
             if entry.error is not None:
                 seen.add(entry.rel)
-                spill.add(
+                spill.add_for(
+                    entry,
                     doc_id=entry.rel,
                     kind="error",
-                    path=entry.path,
-                    source=entry.rel,
-                    size=entry.size,
-                    mtime=entry.mtime,
                     state="retry",
                     error=entry.error,
                 )
@@ -146,13 +147,10 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
                 continue
             else:
                 state = "check"
-            spill.add(
+            spill.add_for(
+                entry,
                 doc_id=entry.rel,
                 kind="file",
-                path=entry.path,
-                source=entry.rel,
-                size=entry.size,
-                mtime=entry.mtime,
                 state=state,
                 old_hash=old[0] if old else None,
             )
@@ -210,13 +208,10 @@ def _plan_records(
         # the whole record file is unreadable: keep its documents (nothing to compare with)
         seen.update(known)
         plan.marker_ids.discard(entry.rel)  # counted as a failed document instead
-        spill.add(
+        spill.add_for(
+            entry,
             doc_id=entry.rel,
             kind="error",
-            path=entry.path,
-            source=entry.rel,
-            size=entry.size,
-            mtime=entry.mtime,
             state="retry",
             error=str(exc),
         )
@@ -232,25 +227,19 @@ def _plan_record(
 ) -> None:
     if isinstance(rec, RecordError):
         seen.add(rec.doc_id)
-        spill.add(
+        spill.add_for(
+            entry,
             doc_id=rec.doc_id,
             kind="error",
-            path=entry.path,
-            source=entry.rel,
-            size=entry.size,
-            mtime=entry.mtime,
             state="retry",
             error=f"line {rec.line}: {rec.error}",
         )
         return
     if rec.doc_id in seen:
-        spill.add(
+        spill.add_for(
+            entry,
             doc_id=f"{entry.rel}#{rec.line}",
             kind="error",
-            path=entry.path,
-            source=entry.rel,
-            size=entry.size,
-            mtime=entry.mtime,
             state="retry",
             error=f"line {rec.line}: duplicate id {rec.doc_id!r} (the first one is kept)",
         )
@@ -263,26 +252,20 @@ def _plan_record(
             plan.unchanged += 1
             return
         # same content, the file around it changed: only the manifest row is refreshed
-        spill.add(
+        spill.add_for(
+            entry,
             doc_id=rec.doc_id,
             kind="record",
-            path=entry.path,
-            source=entry.rel,
-            size=entry.size,
-            mtime=entry.mtime,
             state="touch",
             old_hash=old[0],
             content_hash=digest,
         )
         return
     state = "new" if old is None else ("retry" if old[3] != "ok" else "changed")
-    spill.add(
+    spill.add_for(
+        entry,
         doc_id=rec.doc_id,
         kind="record",
-        path=entry.path,
-        source=entry.rel,
-        size=entry.size,
-        mtime=entry.mtime,
         state=state,
         old_hash=old[0] if old else None,
         content_hash=digest,

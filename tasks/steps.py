@@ -37,19 +37,24 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def _io_task(name: str) -> Any:
+    """A task that does I/O: retried twice on transient errors, never cached or persisted."""
+    return task(
+        name=name,
+        retries=2,
+        retry_delay_seconds=[2, 10],
+        retry_condition_fn=_transient,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+
 @task(name="open_run", cache_policy=NO_CACHE, persist_result=False)
 def open_run_task(params: IngestParams) -> IngestRun:
     return open_run(params)
 
 
-@task(
-    name="list_documents",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("list_documents")
 def list_documents(run: IngestRun) -> Plan:
     run.source.complete = True
     run.source.listing_errors.clear()
@@ -62,14 +67,7 @@ def list_documents(run: IngestRun) -> Plan:
     return plan
 
 
-@task(
-    name="read_documents",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("read_documents")
 def read_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[DocOutcome]:
     max_bytes = int(run.params.source.max_file_mb * 2**20)
     return read_and_parse(items, run.source, max_bytes)
@@ -82,14 +80,7 @@ def chunk_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
     return chunk_outcomes(outcomes, run.chunker)
 
 
-@task(
-    name="embed_chunks",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("embed_chunks")
 def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
     batch = embed_outcomes(outcomes, run.embedder, run.store, run.params.embedder.kind)
     if batch.rows is not None:
@@ -107,26 +98,12 @@ def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
     return batch
 
 
-@task(
-    name="write_chunks",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("write_chunks")
 def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
     write_batch(run.store, outcomes, batch.rows, run.report)
 
 
-@task(
-    name="mark_record_files",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("mark_record_files")
 def mark_record_files(run: IngestRun, plan: Plan) -> None:
     """Record files whose records are all stored: a later run may skip them by size and time."""
     run.store.upsert_documents(
@@ -149,14 +126,7 @@ def mark_record_files(run: IngestRun, plan: Plan) -> None:
         run.store.delete_documents(plan.deleted_markers)
 
 
-@task(
-    name="delete_documents",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("delete_documents")
 def delete_documents(run: IngestRun, plan: Plan) -> int:
     if not plan.listing_complete or not plan.deleted_ids:
         return 0
@@ -171,14 +141,7 @@ def delete_documents(run: IngestRun, plan: Plan) -> int:
     return len(plan.deleted_ids)
 
 
-@task(
-    name="refresh_indexes",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@_io_task("refresh_indexes")
 def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
     s = run.params.store
     return run.store.refresh_indexes(

@@ -115,7 +115,9 @@ class FakeOpenAI:
 
     # ---- the endpoint --------------------------------------------------------------------
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: Any, headers: dict | None = None) -> None:
+    def _send(
+        self, h: BaseHTTPRequestHandler, status: int, body: Any, headers: dict | None = None
+    ) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
@@ -178,25 +180,43 @@ class FakeOpenAI:
             self._send(h, 404, self._error("Unknown endpoint", "invalid_request_error"))
             return
         if h.headers.get("Authorization") != f"Bearer {self.api_key}":
-            self._send(h, 401, self._error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+            self._send(
+                h,
+                401,
+                self._error(
+                    "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+                ),
+            )
             return
         try:
             body = json.loads(raw)
         except json.JSONDecodeError:
-            self._send(h, 400, self._error("We could not parse the JSON body", "invalid_request_error"))
+            self._send(
+                h, 400, self._error("We could not parse the JSON body", "invalid_request_error")
+            )
             return
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or len(inputs) > 2048:
-            self._send(h, 400, self._error("'input' must be 1..2048 strings", "invalid_request_error"))
+            self._send(
+                h, 400, self._error("'input' must be 1..2048 strings", "invalid_request_error")
+            )
             return
         counts = [len(self._encoding.encode(t, disallowed_special=())) for t in inputs]
         if any(c > 8191 for c in counts) or sum(counts) > 300_000:
-            self._send(h, 400, self._error("maximum context length exceeded", "invalid_request_error"))
+            self._send(
+                h, 400, self._error("maximum context length exceeded", "invalid_request_error")
+            )
             return
         if self.faults.quota_exhausted:
-            self._send(h, 429, self._error("You exceeded your current quota", "insufficient_quota", "insufficient_quota"))
+            self._send(
+                h,
+                429,
+                self._error(
+                    "You exceeded your current quota", "insufficient_quota", "insufficient_quota"
+                ),
+            )
             return
         tokens = sum(counts)
         with self._lock:
@@ -204,11 +224,18 @@ class FakeOpenAI:
         if not ok:
             rl_headers["Retry-After"] = max(1, math.ceil(wait)) if wait >= 1 else round(wait, 3)
             rl_headers["retry-after-ms"] = int(wait * 1000) + 1
-            self._send(h, 429, self._error("Rate limit reached", "requests", "rate_limit_exceeded"), rl_headers)
+            self._send(
+                h,
+                429,
+                self._error("Rate limit reached", "requests", "rate_limit_exceeded"),
+                rl_headers,
+            )
             return
         f = self.faults
         if f.poison and any(f.poison in t for t in inputs):
-            self._send(h, 400, self._error("Invalid input: content rejected", "invalid_request_error"))
+            self._send(
+                h, 400, self._error("Invalid input: content rejected", "invalid_request_error")
+            )
             return
         if roll["e500"] < f.error_500:
             self._send(h, 500, self._error("The server had an error", "server_error"))
@@ -230,7 +257,9 @@ class FakeOpenAI:
         data = []
         for i, text in enumerate(inputs):
             vec = fake_vector(text, dim)
-            emb: Any = base64.b64encode(vec.astype("<f4").tobytes()).decode() if b64 else vec.tolist()
+            emb: Any = (
+                base64.b64encode(vec.astype("<f4").tobytes()).decode() if b64 else vec.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": emb})
         with self._lock:
             self.stats.tokens_ok += tokens
@@ -239,7 +268,11 @@ class FakeOpenAI:
         self._send(
             h,
             200,
-            {"object": "list", "data": data, "model": body.get("model"),
-             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
             rl_headers,
         )

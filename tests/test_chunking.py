@@ -65,7 +65,11 @@ def test_korean_sentences_split_at_sentence_ends(tokenizer):
     assert len(spans) > 2
     # every chunk but the last ends at a sentence end or a line end: never mid-word
     for s in spans[:-1]:
-        assert s.text.rstrip()[-1] in ".다요규정" or text[s.char_end : s.char_end + 1] in ("\n", " ", "")
+        assert s.text.rstrip()[-1] in ".다요규정" or text[s.char_end : s.char_end + 1] in (
+            "\n",
+            " ",
+            "",
+        )
 
 
 def test_pdf_chunks_carry_page_numbers(tokenizer):

@@ -24,8 +24,12 @@ pytestmark = pytest.mark.slow
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
-        cwd=REPO, timeout=600,
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -42,7 +46,9 @@ def test_ingest_json_report_and_search_json(corpus, tmp_path):
     assert report["documents"]["new"] == 8
     again = json.loads(_cli("ingest", str(corpus), "--table", db, "--json").stdout)
     assert again["documents"]["unchanged"] == 8 and again["chunks"]["embedded"] == 0
-    hits = json.loads(_cli("search", "paid vacation days", "--table", db, "--json", "-k", "2").stdout)
+    hits = json.loads(
+        _cli("search", "paid vacation days", "--table", db, "--json", "-k", "2").stdout
+    )
     assert hits[0]["doc_id"] == "reports/vacation-policy.html"
     assert set(hits[0]) == {"doc_id", "chunk_id", "text", "score"}
 
@@ -63,14 +69,23 @@ def test_exit_codes(tmp_path):
 
 def _snapshot(db: str) -> tuple[dict, dict]:
     store = Store(db)
-    data = store.table(CHUNKS).search().select(["chunk_id", "doc_id", "text", "vector"]).limit(None).to_arrow()
+    data = (
+        store.table(CHUNKS)
+        .search()
+        .select(["chunk_id", "doc_id", "text", "vector"])
+        .limit(None)
+        .to_arrow()
+    )
     ids = data.column("chunk_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate chunk ids"
     chunks = {
         cid: (doc, text, np.asarray(vec, dtype=np.float32))
         for cid, doc, text, vec in zip(
-            ids, data.column("doc_id").to_pylist(), data.column("text").to_pylist(),
-            data.column("vector").to_pylist(), strict=True,
+            ids,
+            data.column("doc_id").to_pylist(),
+            data.column("text").to_pylist(),
+            data.column("vector").to_pylist(),
+            strict=True,
         )
     }
     docs = store.table(DOCUMENTS).search().limit(None).to_arrow().to_pylist()
@@ -81,9 +96,10 @@ def _snapshot(db: str) -> tuple[dict, dict]:
 def test_crash_mid_run_then_rerun_converges(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh, open(
-        src / "corpus.jsonl", "w", encoding="utf-8"
-    ) as out:
+    with (
+        open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh,
+        open(src / "corpus.jsonl", "w", encoding="utf-8") as out,
+    ):
         for i, line in enumerate(fh):
             if i >= 240:
                 break
@@ -91,9 +107,21 @@ def test_crash_mid_run_then_rerun_converges(tmp_path):
     crashed = str(tmp_path / "crashed")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ingest", str(src), "--table", crashed,
-         "--batch-docs", "16"],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "ingest",
+            str(src),
+            "--table",
+            crashed,
+            "--batch-docs",
+            "16",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.time() + 400

@@ -19,8 +19,16 @@ from .conftest import SCIFACT
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 QUERIES = [
-    {"id": "vac", "query": "how many paid vacation days", "relevant": ["reports/vacation-policy.html"]},
-    {"id": "429", "query": "rate limit errors from the API", "relevant": ["guides/troubleshooting.md"]},
+    {
+        "id": "vac",
+        "query": "how many paid vacation days",
+        "relevant": ["reports/vacation-policy.html"],
+    },
+    {
+        "id": "429",
+        "query": "rate limit errors from the API",
+        "relevant": ["guides/troubleshooting.md"],
+    },
     {"id": "pw", "query": "비밀번호 변경", "relevant": ["ko/security.txt"]},
     {"id": "hotel", "query": "hotel price cap", "relevant": ["reports/expenses.pdf"]},
     # a judgment no system meets: keeps every mode below a perfect score
@@ -101,20 +109,33 @@ def test_bad_query_files_name_the_line(tmp_path):
 def test_empty_table_and_missing_model_are_clear(tmp_path):
     qfile = _write_queries(tmp_path / "q.jsonl", QUERIES[:1])
     with pytest.raises(TableError, match="empty"):
-        evaluate(EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(tmp_path / "db")}}))
+        evaluate(
+            EvaluateParams.model_validate(
+                {"dataset": str(qfile), "store": {"uri": str(tmp_path / "db")}}
+            )
+        )
     store = Store(str(tmp_path / "db2"))
     store.chunks(TableModel("no-such-org/no-such-model", 8, "local"))
     import pyarrow as pa
 
     row = {
-        "chunk_id": "c", "doc_id": "d", "chunk_index": 0, "text": "t", "text_cjk": "",
-        "text_hash": "h", "vector": [0.1] * 8,
+        "chunk_id": "c",
+        "doc_id": "d",
+        "chunk_index": 0,
+        "text": "t",
+        "text_cjk": "",
+        "text_hash": "h",
+        "vector": [0.1] * 8,
     }
     store.table("chunks").add(pa.Table.from_pylist([row], schema=store.table("chunks").schema))
     with pytest.raises(ModelError, match="no-such-org/no-such-model"):
         evaluate(
             EvaluateParams.model_validate(
-                {"dataset": str(qfile), "store": {"uri": str(tmp_path / "db2")}, "modes": ["vector"]}
+                {
+                    "dataset": str(qfile),
+                    "store": {"uri": str(tmp_path / "db2")},
+                    "modes": ["vector"],
+                }
             )
         )
 
@@ -124,9 +145,10 @@ def test_scifact_slice_end_to_end(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     ids = []
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh, open(
-        src / "corpus.jsonl", "w", encoding="utf-8"
-    ) as out:
+    with (
+        open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh,
+        open(src / "corpus.jsonl", "w", encoding="utf-8") as out,
+    ):
         for i, line in enumerate(fh):
             if i >= n_docs:
                 break
@@ -143,7 +165,9 @@ def test_scifact_slice_end_to_end(tmp_path):
     qfile = _write_queries(tmp_path / "scifact-slice.jsonl", rows)
     db = tmp_path / "db"
     ingest(IngestParams.model_validate({"source": {"uri": str(src)}, "store": {"uri": str(db)}}))
-    summary = evaluate(EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}}))
+    summary = evaluate(
+        EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}})
+    )
     res = {m: v["ndcg@10"] for m, v in summary["results"].items()}
     random_ndcg = 10 / n_docs  # generous upper bound for a random ranking of one relevant doc
     for mode in ("vector", "fts", "hybrid"):

@@ -61,8 +61,14 @@ def test_incremental_add_modify_delete_rename(corpus, tmp_path):
     store = Store(str(db))
     before = _vectors(store)
     untouched_ids = set(
-        store.table(CHUNKS).search().where("doc_id = 'guides/coffee.txt'").select(["chunk_id"])
-        .limit(None).to_arrow().column("chunk_id").to_pylist()
+        store.table(CHUNKS)
+        .search()
+        .where("doc_id = 'guides/coffee.txt'")
+        .select(["chunk_id"])
+        .limit(None)
+        .to_arrow()
+        .column("chunk_id")
+        .to_pylist()
     )
 
     (corpus / "guides" / "new.md").write_text(
@@ -164,9 +170,10 @@ def test_records_file_ingests_as_documents(tmp_path):
 
     src = tmp_path / "scifact"
     src.mkdir()
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh, open(
-        src / "corpus.jsonl", "w", encoding="utf-8"
-    ) as out:
+    with (
+        open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh,
+        open(src / "corpus.jsonl", "w", encoding="utf-8") as out,
+    ):
         for i, line in enumerate(fh):
             if i >= 30:
                 break

@@ -41,7 +41,10 @@ def s3(monkeypatch):
 def _params(uri: str, endpoint: str, db) -> IngestParams:
     return IngestParams.model_validate(
         {
-            "source": {"uri": uri, "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}},
+            "source": {
+                "uri": uri,
+                "storage_options": {"client_kwargs": {"endpoint_url": endpoint}},
+            },
             "store": {"uri": str(db)},
         }
     )
@@ -54,13 +57,20 @@ def test_bucket_ingest_incremental_and_failed_listing(s3, tmp_path, caplog):
     assert first.documents.new == 8 and first.documents.failed == 0
     store = Store(str(db))
     docs = set(
-        store.table("documents").search().select(["doc_id"]).limit(None).to_arrow()
-        .column("doc_id").to_pylist()
+        store.table("documents")
+        .search()
+        .select(["doc_id"])
+        .limit(None)
+        .to_arrow()
+        .column("doc_id")
+        .to_pylist()
     )
     assert "guides/setup.md" in docs and "ko/remote-work.docx" in docs
 
     fs.rm("docs-bucket/corpus/guides/coffee.txt")
-    fs.pipe("docs-bucket/corpus/guides/new.txt", b"Bike storage is in the basement, level minus two.")
+    fs.pipe(
+        "docs-bucket/corpus/guides/new.txt", b"Bike storage is in the basement, level minus two."
+    )
     second = ingest(_params("s3://docs-bucket/corpus", endpoint, db))
     assert (second.documents.new, second.documents.deleted, second.documents.unchanged) == (1, 1, 7)
     assert store.table(CHUNKS).count_rows("doc_id = 'guides/coffee.txt'") == 0

@@ -19,14 +19,20 @@ def sample_store(tmp_path_factory):
     from .conftest import SAMPLES
 
     db = tmp_path_factory.mktemp("search") / "db"
-    ingest(IngestParams.model_validate({"source": {"uri": str(SAMPLES)}, "store": {"uri": str(db)}}))
+    ingest(
+        IngestParams.model_validate({"source": {"uri": str(SAMPLES)}, "store": {"uri": str(db)}})
+    )
     return Store(str(db))
 
 
 @pytest.mark.parametrize(
     ("query", "expected", "modes"),
     [
-        ("how many vacation days do I get", "reports/vacation-policy.html", ("vector", "fts", "hybrid")),
+        (
+            "how many vacation days do I get",
+            "reports/vacation-policy.html",
+            ("vector", "fts", "hybrid"),
+        ),
         ("what to do when the API returns 429", "guides/troubleshooting.md", ("vector", "hybrid")),
         ("hotel cost limit on business trips", "reports/expenses.pdf", ("vector", "hybrid")),
         ("descale the coffee machine", "guides/coffee.txt", ("vector", "fts", "hybrid")),

@@ -86,6 +86,7 @@ class OpenAIEmbedder:
         price_per_million: float | None = None,
         max_wait_s: float = 60.0,
         fleet_limit: str | None = None,
+        window_s: float = 60.0,
     ) -> None:
         if dimensions is not None and not model.startswith("text-embedding-3"):
             log.info("passing dimensions=%d to %s", dimensions, model)
@@ -106,10 +107,8 @@ class OpenAIEmbedder:
         )
         self.encoding = get_encoding(encoding_name_for(model))
         self.max_tokens = MAX_INPUT_TOKENS
-        self.request_tokens = MAX_REQUEST_TOKENS
-        self.budget = RateBudget(rpm, tpm, max_request_tokens=0)
-        # one request must fit the token bucket's burst: pack to what the budget allows
-        self.request_tokens = int(min(MAX_REQUEST_TOKENS, max(self.budget.token_capacity, 1)))
+        self.budget = RateBudget(rpm, tpm, window_s=window_s)
+        self._request_tokens: int | None = None
         self.tokens_used = 0
         self.requests_sent = 0
         self._dimension = dimensions or MODEL_DIMENSIONS.get(model)
@@ -119,6 +118,18 @@ class OpenAIEmbedder:
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAIEmbedder(model={self.model_id!r}, base_url={self.base_url!r})"
+
+    @property
+    def request_tokens(self) -> int:
+        """Tokens packed into one request: the API's limit, or less so that one request fits
+        the token budget's burst (large requests against a small budget arrive in bursts)."""
+        if self._request_tokens is not None:
+            return self._request_tokens
+        return int(min(MAX_REQUEST_TOKENS, max(self.budget.token_capacity, 1)))
+
+    @request_tokens.setter
+    def request_tokens(self, value: int) -> None:
+        self._request_tokens = value
 
     @property
     def cost_usd(self) -> float:

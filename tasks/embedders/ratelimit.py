@@ -49,8 +49,10 @@ class RateBudget:
         headroom: float = 0.95,
         burst_seconds: float = 2.0,
         max_request_tokens: int = 0,
+        window_s: float = 60.0,
     ) -> None:
         self.headroom = headroom
+        self.window_s = window_s
         self.burst_seconds = burst_seconds
         self.max_request_tokens = max_request_tokens
         self._pause_until = 0.0
@@ -59,14 +61,19 @@ class RateBudget:
         self._build()
 
     def _build(self) -> None:
-        # burst long enough that one maximal request fits the token bucket
+        # Any window of the server holds at most burst + rate * window. With the rate at
+        # `headroom` of the limit, the burst may use only the rest: (1 - headroom) of a
+        # window's allowance (5% of a minute's tokens by default), and at most burst_seconds.
+        per_window = self.window_s / 60.0
         tok_rate = self.tpm * self.headroom / 60.0
-        period = max(self.burst_seconds, (self.max_request_tokens or 0) / max(tok_rate, 1e-9))
-        self.token_capacity = tok_rate * period
-        self._tokens = AsyncLimiter(self.token_capacity, period)
+        tok_burst = min(tok_rate * self.burst_seconds, (1 - self.headroom) * self.tpm * per_window)
+        tok_burst = max(tok_burst, float(self.max_request_tokens or 0), 1.0)
+        self.token_capacity = tok_burst
+        self._tokens = AsyncLimiter(tok_burst, tok_burst / tok_rate)
         req_rate = self.rpm * self.headroom / 60.0
-        req_period = max(self.burst_seconds, 1.0 / max(req_rate, 1e-9))
-        self._requests = AsyncLimiter(max(1.0, req_rate * req_period), req_period)
+        req_burst = min(req_rate * self.burst_seconds, (1 - self.headroom) * self.rpm * per_window)
+        req_burst = max(1.0, req_burst)
+        self._requests = AsyncLimiter(req_burst, req_burst / req_rate)
 
     async def acquire(self, tokens: int) -> None:
         while True:
@@ -75,7 +82,11 @@ class RateBudget:
                 break
             await asyncio.sleep(wait)
         await self._requests.acquire(1)
-        await self._tokens.acquire(min(float(tokens), self.token_capacity))
+        left = float(tokens)
+        while left > 0:  # a request larger than the burst waits for its whole size
+            part = min(left, self.token_capacity)
+            await self._tokens.acquire(part)
+            left -= part
 
     def pause(self, seconds: float) -> None:
         """Hold every request for `seconds` (a 429's Retry-After, an exhausted window)."""
@@ -90,7 +101,8 @@ class RateBudget:
             ("x-ratelimit-limit-tokens", "tpm"),
         ):
             try:
-                limit = int(float(h[key]))
+                # the headers count per window (a minute for the real API)
+                limit = int(float(h[key]) * 60.0 / self.window_s)
             except (KeyError, ValueError, TypeError):
                 continue
             if 0 < limit < getattr(self, attr):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# a private Prefect home for the test session (and the CLI subprocesses it starts): the
+# temporary server's database in ~/.prefect may have been migrated by another Prefect version
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lanceflow-prefect-home-")
 os.environ["DO_NOT_TRACK"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# the demo keeps Prefect's temporary-server database inside the checkout, so a database left in
+# ~/.prefect by another Prefect version cannot get in its way
+demo: export PREFECT_HOME := $(CURDIR)/.prefect-demo
 demo: install
 	rm -rf .demo-lancedb
 	$(VENV)/bin/lanceflow ingest samples/corpus --table .demo-lancedb
@@ -37,4 +40,4 @@ bench: install
 	$(PY) benchmarks/openai_ratelimit.py
 
 clean:
-	rm -rf .demo-lancedb lancedb .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo-lancedb .prefect-demo lancedb .pytest_cache .mypy_cache .ruff_cache

@@ -307,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     except LanceflowError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        print(
+            f"lanceflow: {exc}\nPrefect's temporary server did not start. A database left in "
+            "PREFECT_HOME (~/.prefect) by another Prefect version is the usual cause: point "
+            "PREFECT_HOME at a new folder, or run `prefect server database reset -y`.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_RUN
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Modes: 'vector' (cosine over the chunk vectors), 'fts' (BM25 over the English-stemmed text
 index, or the character-bigram index for Korean/Chinese/Japanese queries) and 'hybrid'
-(reciprocal rank fusion of both at the document level: one result per document, shown by its
+(reciprocal rank fusion of both over chunks; on SciFact this scored nDCG@10 0.717 against 0.707
+for fusing document lists, so chunks are fused and evaluation then ranks documents by their
 best chunk).
 """
 

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from tasks.plan import iter_work
 from tasks.report import IngestReport
-from tasks.runs import quick_check
 from tasks.settings import IngestParams
 from tasks.steps import (
     chunk_documents,
@@ -80,15 +79,3 @@ def ingest(params: IngestParams) -> IngestReport:
         report.chunks.cached,
     )
     return report
-
-
-def run_ingest(params: IngestParams, always_flow: bool = False) -> IngestReport:
-    """Run an ingest from the command line: the flow, or nothing but a run record when the
-    source has not changed (Prefect's temporary server costs seconds to start)."""
-    if not always_flow:
-        report = quick_check(params)
-        if report is not None:
-            log.info("nothing changed since the last run")
-            return report
-    result: Any = ingest(params)
-    return result

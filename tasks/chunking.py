@@ -119,10 +119,3 @@ class Chunker:
                 span.page_end = bisect_right(doc.page_starts, max(start, end - 1))
             spans.append(span)
         return spans
-
-
-def split_text(
-    doc: ParsedDocument, tokenizer: Tokenizer, chunk_tokens: int, overlap: int = 0
-) -> list[ChunkSpan]:
-    """Split one document (convenience for callers without a Chunker)."""
-    return Chunker(tokenizer, chunk_tokens, overlap).split(doc)

@@ -321,13 +321,6 @@ class Store:
     def record_run(self, row: dict[str, Any]) -> None:
         self.runs().add(pa.Table.from_pylist([row], schema=RUNS_SCHEMA))
 
-    def last_runs(self, n: int = 10) -> list[dict[str, Any]]:
-        if not self.has(RUNS):
-            return []
-        rows = self.table(RUNS).search().limit(None).to_arrow().to_pylist()
-        rows.sort(key=lambda r: r["started_at"], reverse=True)
-        return rows[:n]
-
     def record_evaluations(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             tbl = self._ensure(EVALUATIONS, EVALUATIONS_SCHEMA)

@@ -52,6 +52,17 @@ class IngestReport(BaseModel):
         else:
             self.failures_not_listed += 1
 
+    def count_outcome(self, doc_id: str, state: str, status: str, error: str | None) -> None:
+        """Count one processed document: unchanged content, a failure, or new/changed."""
+        if status == "touch":
+            self.documents.unchanged += 1
+        elif status == "failed":
+            self.add_failure(doc_id, error or "failed")
+        elif state == "new":
+            self.documents.new += 1
+        else:
+            self.documents.changed += 1
+
     @property
     def failed_fraction(self) -> float:
         return self.documents.failed / self.documents.seen if self.documents.seen else 0.0

@@ -156,15 +156,8 @@ def dry_run(params: IngestParams) -> IngestReport:
             chunk_outcomes(outcomes, run.chunker)
             texts: dict[str, str] = {}
             for o in outcomes:
-                if o.status == "touch":
-                    report.documents.unchanged += 1
-                elif o.status == "failed":
-                    report.add_failure(o.doc_id, o.error or "failed")
-                else:
-                    if o.state == "new":
-                        report.documents.new += 1
-                    else:
-                        report.documents.changed += 1
+                report.count_outcome(o.doc_id, o.state, o.status, o.error)
+                if o.status == "ok":
                     for c in o.chunks:
                         texts.setdefault(text_hash(c.text), c.text)
             cached = run.store.cached_vectors(list(texts))

@@ -92,36 +92,17 @@ def _fts_hits(tbl: Any, query: str, column: str, n: int) -> list[dict[str, Any]]
         raise
 
 
-def rrf(
-    lists: Sequence[Sequence[dict[str, Any]]], k: int = RRF_K, key: str = "chunk_id"
-) -> list[dict[str, Any]]:
-    """Reciprocal rank fusion of ranked lists of rows.
-
-    With key='doc_id' each list is first reduced to its documents (a document ranks where its
-    best chunk ranks) and every document is shown by the best-ranked of its chunks."""
+def rrf(lists: Sequence[Sequence[dict[str, Any]]], k: int = RRF_K) -> list[dict[str, Any]]:
+    """Reciprocal rank fusion of ranked lists of chunk rows, keyed by chunk_id."""
     scores: dict[str, float] = {}
     rows: dict[str, dict[str, Any]] = {}
-    best_rank: dict[str, int] = {}
     for ranked in lists:
-        seen: set[str] = set()
-        rank = 0
-        for pos, row in enumerate(ranked, start=1):
-            ident = row[key]
-            if ident in seen:
-                continue
-            seen.add(ident)
-            rank += 1
-            scores[ident] = scores.get(ident, 0.0) + 1.0 / (k + rank)
-            if ident not in rows or pos < best_rank[ident]:
-                rows[ident] = row
-                best_rank[ident] = pos
+        for rank, row in enumerate(ranked, start=1):
+            cid = row["chunk_id"]
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (k + rank)
+            rows.setdefault(cid, row)
     order = sorted(scores, key=lambda c: scores[c], reverse=True)
-    out = []
-    for ident in order:
-        row = dict(rows[ident])
-        row["_score"] = scores[ident]
-        out.append(row)
-    return out
+    return [{**rows[cid], "_score": scores[cid]} for cid in order]
 
 
 def fts_hits(tbl: Any, query: str, n: int) -> list[dict[str, Any]]:

@@ -79,7 +79,6 @@ def write_batch(
         }
         if o.status == "touch":
             row.update(chunk_count=prev.get("chunk_count", 0), title=prev.get("title"))
-            report.documents.unchanged += 1
         elif o.status == "failed":
             row.update(
                 status="failed",
@@ -91,11 +90,6 @@ def write_batch(
                 row["content_hash"] = prev.get("content_hash")
             if o.partial:
                 row.update(chunk_count=per_doc.get(o.doc_id, 0), title=o.title)
-            report.add_failure(o.doc_id, o.error or "failed")
-        else:
-            if o.state == "new":
-                report.documents.new += 1
-            else:
-                report.documents.changed += 1
+        report.count_outcome(o.doc_id, o.state, o.status, o.error)
         manifest.append(row)
     store.upsert_documents(manifest)

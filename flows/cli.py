@@ -25,8 +25,9 @@ def _ingest_parser(sub: Any) -> None:
     p.add_argument(
         "--embedder",
         default="local",
-        choices=["local", "openai"],
-        help="local sentence-transformers model, or the OpenAI(-compatible) API",
+        choices=["local", "openai", "hash"],
+        help="local sentence-transformers model, the OpenAI(-compatible) API, or 'hash' "
+        "(hashed word features: a deterministic aid for tests and benchmarks, not semantic)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model id or directory")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -44,7 +45,41 @@ def _ingest_parser(sub: Any) -> None:
     p.add_argument("--include", action="append", default=[], metavar="GLOB")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     p.add_argument("--max-file-mb", type=float, default=64.0)
-    p.add_argument("--max-failed-fraction", type=float, default=0.5)
+    p.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=0.5,
+        help="fail the run when more than this share of the documents failed (default 0.5)",
+    )
+    p.add_argument(
+        "--max-delete-fraction",
+        type=float,
+        default=0.5,
+        help="refuse a run that would delete more than this share of the source's indexed "
+        "documents, or (below 1) an empty listing; 1 confirms intended deletions (default 0.5)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every document whatever its size and modification time (weekly)",
+    )
+    p.add_argument(
+        "--reindex",
+        action="store_true",
+        help="rebuild with changed settings as a new generation beside the live one, then "
+        "switch atomically (search keeps answering; an interrupted rebuild resumes)",
+    )
+    p.add_argument(
+        "--keep-generations",
+        type=int,
+        default=1,
+        help="earlier generations kept for rollback after a --reindex switch (default 1)",
+    )
+    p.add_argument(
+        "--follow-external-links",
+        action="store_true",
+        help="follow symbolic links that lead outside the source folder",
+    )
     p.add_argument("--id-field", default=None, help="record files: id column")
     p.add_argument("--title-field", default="title", help="record files: title column")
     p.add_argument("--text-field", default="text", help="record files: text column")
@@ -108,11 +143,23 @@ def _evaluate_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanceflow", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details to stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _ingest_parser(sub)
     _search_parser(sub)
     _evaluate_parser(sub)
+    _generations_parser(sub)
+    for name, sp in sub.choices.items():
+        # `-v` works after the subcommand too (`lanceflow ingest -v ...`)
+        sp.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help=f"log progress details of {name} to stderr",
+        )
     return parser
 
 
@@ -130,11 +177,12 @@ def _ingest(args: argparse.Namespace) -> int:
                     "include": args.include,
                     "exclude": args.exclude,
                     "max_file_mb": args.max_file_mb,
+                    "follow_external_links": args.follow_external_links,
                     "id_field": args.id_field,
                     "title_field": args.title_field,
                     "text_field": args.text_field,
                 },
-                "store": {"uri": args.table},
+                "store": {"uri": args.table, "keep_generations": args.keep_generations},
                 "chunking": {
                     "chunk_tokens": args.chunk_tokens,
                     "overlap": args.overlap,
@@ -161,6 +209,9 @@ def _ingest(args: argparse.Namespace) -> int:
                 },
                 "batch_docs": args.batch_docs,
                 "max_failed_fraction": args.max_failed_fraction,
+                "max_delete_fraction": args.max_delete_fraction,
+                "verify": args.verify,
+                "reindex": args.reindex,
             }
         )
     except ValidationError as exc:
@@ -206,8 +257,24 @@ def _ingest(args: argparse.Namespace) -> int:
             f"chunks: {c.embedded} embedded, {c.cached} from cache, {c.written} written, "
             f"{c.deleted} deleted\n"
             + (f"tokens: {report.tokens}, cost ${report.cost_usd:.4f}\n" if report.tokens else "")
-            + f"table {report.table} version {report.table_version}, {report.seconds:.1f} s"
+            + f"table {report.table} generation {report.generation} ({report.generation_status}"
+            + (", switched by this run" if report.switched else "")
+            + f") version {report.table_version}, {report.seconds:.1f} s"
         )
+        if report.waiting_for_sources:
+            print(
+                "the new generation goes live once these sources are rebuilt with --reindex: "
+                + ", ".join(report.waiting_for_sources)
+            )
+        if not report.listing_complete:
+            print("the listing was incomplete, so nothing was deleted:")
+            for f in report.listing_errors[:20]:
+                print(f"  {f.doc_id}: {f.error}")
+        if report.skipped_links:
+            print(
+                f"{report.skipped_links} links to outside the source were left out "
+                "(--follow-external-links follows them)"
+            )
         for f in report.failures[:20]:
             print(f"  failed: {f.doc_id}: {f.error}")
     return code
@@ -221,15 +288,81 @@ def _search(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                [h.model_dump(include={"doc_id", "chunk_id", "text", "score"}) for h in hits],
+                [
+                    h.model_dump(
+                        include={"doc_id", "chunk_id", "text", "score", "source", "generation"}
+                    )
+                    for h in hits
+                ],
                 ensure_ascii=False,
             )
         )
         return 0
-    print(f"{args.mode} search: {args.query}")
+    generation = hits[0].generation if hits else 0
+    print(f"{args.mode} search (generation {generation}): {args.query}")
     for rank, h in enumerate(hits, start=1):
         snippet = " ".join(h.text.split())[:160]
-        print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}\n       {snippet}")
+        print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}  [{h.source}]\n       {snippet}")
+    return 0
+
+
+def _generations_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generations", help="list the index generations of a table, or make another one live"
+    )
+    p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
+    p.add_argument(
+        "--activate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="make generation N live again (a rollback after a --reindex); one atomic switch",
+    )
+    p.add_argument("--json", action="store_true", help="print the generations as JSON")
+
+
+def _generations(args: argparse.Namespace) -> int:
+    from tasks import generations
+    from tasks.errors import ConfigurationError
+    from tasks.store import Store
+
+    store = Store(args.table)
+    gens = store.generations()
+    if args.activate is not None:
+        chosen = next((g for g in gens if g.number == args.activate), None)
+        if chosen is None or not store.has(chosen.chunks_table):
+            raise ConfigurationError(
+                f"no generation {args.activate} in {args.table!r}: `lanceflow generations "
+                f"--table {args.table}` lists them"
+            )
+        current = generations.live(gens)
+        if current is not None and current.number == chosen.number:
+            print(f"generation {chosen.number} is already live")
+            return 0
+        generations.switch(store.db, chosen, current)
+        print(f"generation {chosen.number} is live now")
+        gens = store.generations()
+    rows: list[dict[str, Any]] = [
+        {
+            "generation": g.number,
+            "status": g.status,
+            "sources": list(g.sources),
+            "fingerprint": g.fingerprint.model_dump() if g.fingerprint else None,
+            "switched_at": str(g.switched_at) if g.switched_at else None,
+        }
+        for g in gens
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for r in rows:
+        fp = r["fingerprint"] or {}
+        print(
+            f"{r['generation']:>3} {r['status']:<9} {fp.get('model', '?')} "
+            f"({fp.get('backend', '?')}, {fp.get('chunk_tokens', '?')} tokens, overlap "
+            f"{fp.get('overlap', '?')}, {fp.get('chunking', '?')})  sources: "
+            + ", ".join(r["sources"])
+        )
     return 0
 
 
@@ -267,8 +400,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return code
     print(
-        f"{summary['dataset']}: {summary['queries']} queries, table version "
-        f"{summary['table_version']}, model {summary['model']}"
+        f"{summary['dataset']}: {summary['queries']} queries, generation "
+        f"{summary['generation']} version {summary['table_version']}, model {summary['model']}"
     )
     if summary["unknown_documents"]:
         print(f"  {summary['unknown_documents']} judged documents are not in the table")
@@ -290,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     # no telemetry: nothing leaves this machine
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # the temporary server's first start migrates a new database: slow on a small machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -303,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             return _ingest(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "generations":
+            return _generations(args)
         return _search(args)
     except LanceflowError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)

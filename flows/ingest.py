@@ -24,6 +24,7 @@ from tasks.steps import (
     read_documents,
     refresh_indexes,
     report_run,
+    switch_generation,
     write_chunks,
 )
 
@@ -37,7 +38,9 @@ def ingest(params: IngestParams) -> IngestReport:
     run = open_run_task(params)
     plan = list_documents(run)
     logger.info(
-        "%d documents seen, %d unchanged, %d to process, %d to delete",
+        "generation %d (%s): %d documents seen, %d unchanged, %d to process, %d to delete",
+        run.target.number,
+        run.target.status,
         plan.seen,
         plan.unchanged,
         plan.to_process,
@@ -66,6 +69,8 @@ def ingest(params: IngestParams) -> IngestReport:
     changed = plan.to_process > 0 or bool(plan.deleted_ids)
     indexes = refresh_indexes(run, changed)
     logger.info("indexes: %s", ", ".join(indexes.get("indexes", [])))
+    if switch_generation(run):
+        logger.info("generation %d is live now", run.target.number)
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
     report = report_run(run, flow_run_id)
     logger.info(

@@ -65,6 +65,7 @@ class Chunker:
         overlap: int = 0,
         whole: bool = False,
         tiktoken_model: str | None = None,
+        words: bool = False,
     ) -> None:
         from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
@@ -87,6 +88,11 @@ class Chunker:
             self._markdown = MarkdownSplitter.from_tiktoken_model(
                 tiktoken_model, chunk_tokens, overlap=overlap
             )
+        elif words:
+            # the hash embedder's budget: about 5 characters a word (the splitter counts
+            # characters in Rust, far faster than a Python word-count callback)
+            self._text = TextSplitter(chunk_tokens * 5, overlap=overlap * 5)
+            self._markdown = MarkdownSplitter(chunk_tokens * 5, overlap=overlap * 5)
         elif tokenizer is not None:
             self._text = TextSplitter.from_huggingface_tokenizer(
                 tokenizer, chunk_tokens, overlap=overlap

@@ -19,7 +19,7 @@ from tasks.chunking import Chunker
 from tasks.documents import DocOutcome
 from tasks.embedders.base import Embedder
 from tasks.errors import ConfigurationError, PartialEmbeddingError
-from tasks.identity import chunk_id, text_hash
+from tasks.identity import chunk_id, doc_key, text_hash
 from tasks.settings import DEFAULT_API_CHUNK_TOKENS, ChunkSettings, EmbedderSettings
 from tasks.store import Store, chunks_schema, cjk_text, vectors_to_arrow
 
@@ -33,31 +33,53 @@ class EmbeddedBatch:
     cached: int
 
 
+#: texts per model call: a failure loses at most this much work (the rest is in the memo)
+SUB_BATCH = 512
+
+
 def embed_outcomes(
-    outcomes: Sequence[DocOutcome], embedder: Embedder, store: Store, embedder_kind: str
+    outcomes: Sequence[DocOutcome],
+    embedder: Embedder,
+    store: Store,
+    embedder_kind: str,
+    source_uri: str,
+    *,
+    cache_tables: Sequence[str] = (),
+    memo: dict[str, np.ndarray] | None = None,
 ) -> EmbeddedBatch:
-    """Vectors for every chunk of the batch, as the Arrow rows to write."""
+    """Vectors for every chunk of the batch, as the Arrow rows to write.
+
+    Looked up first in the table (this generation, and `cache_tables`: generations of the same
+    embedding space), then in `memo` (vectors this run already computed but has not written:
+    a retried task does not send them again), then computed in sub-batches that land in the
+    memo as each finishes.
+    """
     spans = [(o, c) for o in outcomes if o.status == "ok" for c in o.chunks]
     if not spans:
         return EmbeddedBatch(None, 0, 0)
+    memo = {} if memo is None else memo
     hashes = [text_hash(c.text) for _, c in spans]
-    cached = store.cached_vectors(hashes)
+    cached = store.cached_vectors(hashes, cache_tables)
     missing: dict[str, str] = {}
     for h, (_, c) in zip(hashes, spans, strict=True):
         if h not in cached and h not in missing:
             missing[h] = c.text
     vectors: dict[str, np.ndarray] = dict(cached)
     rejected: dict[str, str] = {}
-    if missing:
+    todo = [h for h in missing if h not in memo]
+    for start in range(0, len(todo), SUB_BATCH):
+        keys = todo[start : start + SUB_BATCH]
         try:
-            fresh = embedder.embed(list(missing.values()))
+            fresh = embedder.embed([missing[h] for h in keys])
         except PartialEmbeddingError as exc:
             fresh = exc.vectors
-            keys = list(missing)
-            rejected = {keys[i]: why for i, why in exc.failed.items()}
-        for h, v in zip(missing, fresh, strict=True):
+            rejected.update({keys[i]: why for i, why in exc.failed.items()})
+        for h, v in zip(keys, fresh, strict=True):
             if h not in rejected:
-                vectors[h] = v
+                memo[h] = v
+    for h in missing:
+        if h not in rejected:
+            vectors[h] = memo[h]
     if rejected:
         # the document keeps its other chunks and is marked failed, so the next run retries
         # only the rejected chunk (the others come from the cache)
@@ -74,11 +96,14 @@ def embed_outcomes(
     matrix = np.stack([vectors[h] for h in hashes]).astype(np.float32, copy=False)
     dim = int(matrix.shape[1])
     schema = chunks_schema(dim, embedder.model_id, embedder_kind)
+    keys_of = {o.doc_id: doc_key(source_uri, o.doc_id) for o in outcomes}
     columns = {
         "chunk_id": [
-            chunk_id(o.doc_id, c.index, h) for (o, c), h in zip(spans, hashes, strict=True)
+            chunk_id(keys_of[o.doc_id], c.index, h) for (o, c), h in zip(spans, hashes, strict=True)
         ],
+        "doc_key": [keys_of[o.doc_id] for o, _ in spans],
         "doc_id": [o.doc_id for o, _ in spans],
+        "source_uri": [source_uri] * len(spans),
         "chunk_index": [c.index for _, c in spans],
         "text": [c.text for _, c in spans],
         "text_cjk": [cjk_text(c.text) for _, c in spans],
@@ -86,7 +111,7 @@ def embed_outcomes(
         "vector": vectors_to_arrow(matrix),
         "title": [o.title for o, _ in spans],
         "heading": [c.heading for _, c in spans],
-        "source": [o.source for o, _ in spans],
+        "path": [o.source for o, _ in spans],
         "char_start": [c.char_start for _, c in spans],
         "char_end": [c.char_end for _, c in spans],
         "page_start": [c.page_start for _, c in spans],
@@ -105,6 +130,10 @@ def embed_outcomes(
 
 def build_embedder(settings: EmbedderSettings, require_key: bool = True) -> Embedder:
     """The embedder the settings ask for; one per process and settings."""
+    if settings.kind == "hash":
+        from tasks.embedders.hashing import HashEmbedder
+
+        return HashEmbedder.from_settings(settings)
     if settings.kind == "local":
         from tasks.embedders.local import get_local_embedder
 
@@ -147,9 +176,13 @@ def resolve_api_key(settings: EmbedderSettings, required: bool = True) -> str | 
 
 def make_chunker(embedder: Embedder, chunking: ChunkSettings) -> Chunker:
     """A chunker counting in the embedder's own tokens."""
+    from tasks.embedders.hashing import HashEmbedder
     from tasks.embedders.openai import OpenAIEmbedder
 
     whole = chunking.strategy == "whole"
+    if isinstance(embedder, HashEmbedder):
+        size = chunking.chunk_tokens or embedder.max_tokens
+        return Chunker(None, size, chunking.overlap, whole=whole, words=True)
     if isinstance(embedder, OpenAIEmbedder):
         from tasks.tokens import encoding_name_for
 

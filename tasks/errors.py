@@ -11,6 +11,8 @@
     ├── QuotaExhaustedError        the account's quota is spent (429 insufficient_quota)
     ├── PartialEmbeddingError      some inputs were rejected; carries the other vectors
     ├── ModelMismatchError         the table was built with another model or dimension
+    ├── IndexDriftError            the run's settings differ from the index's fingerprint
+    ├── DeletionRefusedError       the run would delete too much of its source (nothing written)
     ├── TableError                 the LanceDB table is missing or unusable
     └── TooManyFailuresError       the failed share exceeded the configured threshold
 
@@ -73,6 +75,21 @@ class PartialEmbeddingError(LanceflowError):
 
 class ModelMismatchError(LanceflowError):
     """The table was embedded with another model or dimension than the one asked for."""
+
+
+class IndexDriftError(LanceflowError):
+    """The run's embedding or chunking settings differ from those the index was built with.
+
+    `differences` lists (setting, old, new)."""
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+class DeletionRefusedError(LanceflowError):
+    """The listing would delete more of the source's documents than allowed: the source may be
+    unmounted, moved or mistyped. Nothing was written."""
 
 
 class TableError(LanceflowError):

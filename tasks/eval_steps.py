@@ -55,6 +55,7 @@ def record_history(
                 "flow_run_id": flow_run_id,
                 "dataset": ev.dataset,
                 "mode": mode,
+                "generation": ev.generation,
                 "table_version": ev.table_version,
                 "model": ev.model,
                 "queries": ev.queries,

@@ -28,10 +28,19 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def chunk_id(doc_id: str, index: int, chunk_text_hash: str) -> str:
-    """A chunk's id: derived from its document, position and text."""
+def doc_key(source_uri: str, doc_id: str) -> str:
+    """A document's key in a table that indexes several sources: (source, document id)."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(source_uri.encode("utf-8", "surrogatepass"))
+    h.update(b"\x00")
     h.update(doc_id.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def chunk_id(document_key: str, index: int, chunk_text_hash: str) -> str:
+    """A chunk's id: derived from its document (see doc_key), position and text."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(document_key.encode("utf-8", "surrogatepass"))
     h.update(b"\x00")
     h.update(str(index).encode())
     h.update(b"\x00")

@@ -17,9 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.errors import DocumentError
+from tasks.errors import DeletionRefusedError, DocumentError
 from tasks.identity import record_hash
 from tasks.sources import FileEntry, Record, RecordError, Source
+from tasks.store import ManifestRow
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ WORK_SCHEMA = pa.schema(
     ]
 )
 
-Manifest = dict[str, tuple[str | None, int, float, str, str]]
+Manifest = dict[str, ManifestRow]
 
 #: the manifest status of a record file's own row, written once all its records are stored;
 #: only then may a later run skip the file by its size and modification time
@@ -64,6 +65,10 @@ class Plan:
     deleted_markers: list[str] = field(default_factory=list)
     #: record-file paths in `seen` only as markers, not as documents
     marker_ids: set[str] = field(default_factory=set)
+    #: documents of this source indexed before the run (the deletion guard's denominator)
+    indexed: int = 0
+    #: of those, how many the listing no longer has (deleted, or lost by a reindex)
+    missing: int = 0
 
     @property
     def nothing_to_do(self) -> bool:
@@ -112,8 +117,21 @@ class _Spill:
         self.sink.close()
 
 
-def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = None) -> Plan:
-    """Stream the source listing against the manifest; spill the work to disk."""
+def plan_changes(
+    source: Source,
+    manifest: Manifest,
+    spill_dir: str | None = None,
+    *,
+    verify: bool = False,
+    baseline: set[str] | None = None,
+) -> Plan:
+    """Stream the source listing against the manifest; spill the work to disk.
+
+    `verify` re-hashes every file whatever its size and time (so do sources whose listing
+    has no modification times). `baseline` is the set of document ids the deletion guard
+    compares the listing with (default: the manifest's; a reindex passes the live
+    generation's, so a build from an emptied source cannot replace a full index).
+    """
     directory = tempfile.mkdtemp(prefix="lanceflow-plan-", dir=spill_dir)
     spill = _Spill(os.path.join(directory, "work.arrow"))
     plan = Plan(spill.path)
@@ -134,7 +152,7 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
             if entry.is_records:
                 if by_source is None:
                     by_source = _record_sources(manifest)
-                _plan_records(source, entry, manifest, by_source, seen, spill, plan)
+                _plan_records(source, entry, manifest, by_source, seen, spill, plan, verify)
                 continue
             seen.add(entry.rel)
             old = manifest.get(entry.rel)
@@ -142,7 +160,13 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
                 state = "new"
             elif old[3] != "ok":
                 state = "retry"
-            elif old[1] == entry.size and old[2] == entry.mtime:
+            elif (
+                old[1] == entry.size
+                and old[2] == entry.mtime
+                and not verify
+                and source.reliable_mtime
+                and entry.mtime != 0.0
+            ):
                 plan.unchanged += 1
                 continue
             else:
@@ -158,6 +182,9 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
         spill.close()
     markers = {d for d, row in manifest.items() if row[3] == RECORDS_MARKER}
     plan.seen = len(seen) - len(plan.marker_ids)
+    base = baseline if baseline is not None else {d for d in manifest if d not in markers}
+    plan.indexed = len(base)
+    plan.missing = sum(1 for d in base if d not in seen)
     plan.to_process = spill.count
     plan.listing_complete = source.complete
     plan.listing_errors = list(source.listing_errors)
@@ -168,6 +195,27 @@ def plan_changes(source: Source, manifest: Manifest, spill_dir: str | None = Non
     else:
         log.warning("the listing was incomplete: nothing is deleted in this run")
     return plan
+
+
+def check_deletions(plan: Plan, max_fraction: float, source_uri: str) -> None:
+    """Refuse a listing that would delete too much of what the source had indexed."""
+    if not plan.listing_complete or plan.indexed == 0 or plan.missing == 0:
+        return
+    if plan.seen == 0 and max_fraction < 1.0:
+        raise DeletionRefusedError(
+            f"the listing of {source_uri} is empty, but {plan.indexed} documents from it are "
+            "indexed: the folder may be unmounted, moved or mistyped, or the bucket prefix "
+            "wrong. Nothing was changed. If the source really is empty now, confirm with "
+            "--max-delete-fraction 1."
+        )
+    share = plan.missing / plan.indexed
+    if share > max_fraction:
+        raise DeletionRefusedError(
+            f"this run would delete {plan.missing} of the {plan.indexed} documents indexed from "
+            f"{source_uri} ({share:.0%}, above max_delete_fraction={max_fraction:g}). Nothing "
+            "was changed. Check that the source is complete; if these deletions are intended, "
+            "confirm with --max-delete-fraction 1."
+        )
 
 
 def _record_sources(manifest: Manifest) -> dict[str, list[str]]:
@@ -186,13 +234,15 @@ def _plan_records(
     seen: set[str],
     spill: _Spill,
     plan: Plan,
+    verify: bool = False,
 ) -> None:
     known = by_source.get(entry.rel, [])
     seen.add(entry.rel)  # the file's own marker row
     plan.marker_ids.add(entry.rel)
     marker = manifest.get(entry.rel)
     if (
-        marker is not None
+        not verify
+        and marker is not None
         and marker[3] == RECORDS_MARKER
         and (marker[1], marker[2]) == (entry.size, entry.mtime)
         and all(manifest[d][3] == "ok" for d in known)

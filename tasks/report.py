@@ -38,6 +38,17 @@ class IngestReport(BaseModel):
     failures: list[Failure] = Field(default_factory=list)
     failures_not_listed: int = 0
     listing_complete: bool = True
+    #: why the listing was incomplete (then nothing was deleted)
+    listing_errors: list[Failure] = Field(default_factory=list)
+    #: links to outside the source that were left out (follow_external_links is off)
+    skipped_links: int = 0
+    #: the index generation written, its status after the run, and whether this run made it
+    #: live (a --reindex switch)
+    generation: int = 0
+    generation_status: str = ""
+    switched: bool = False
+    #: a reindex builds every source of the live generation before it switches
+    waiting_for_sources: list[str] = Field(default_factory=list)
     table_version: int = 0
     tokens: int = 0  # tokens sent to a paid embeddings API
     cost_usd: float = 0.0  # their estimated cost at the configured price
@@ -62,6 +73,22 @@ class IngestReport(BaseModel):
             self.documents.new += 1
         else:
             self.documents.changed += 1
+
+    def merge(self, other: IngestReport) -> None:
+        """Add another report's document and chunk counts and failures to this one."""
+        for name in DocumentCounts.model_fields:
+            if name != "failed":
+                setattr(
+                    self.documents,
+                    name,
+                    getattr(self.documents, name) + getattr(other.documents, name),
+                )
+        for name in ChunkCounts.model_fields:
+            setattr(self.chunks, name, getattr(self.chunks, name) + getattr(other.chunks, name))
+        for f in other.failures:
+            self.add_failure(f.doc_id, f.error)
+        self.failures_not_listed += other.failures_not_listed
+        self.documents.failed += other.failures_not_listed
 
     @property
     def failed_fraction(self) -> float:

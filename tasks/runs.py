@@ -3,20 +3,26 @@ check uses these without starting the orchestrator)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from tasks import generations
 from tasks.chunking import Chunker
 from tasks.embedders.base import Embedder
-from tasks.errors import TooManyFailuresError
-from tasks.plan import plan_changes
+from tasks.errors import IndexDriftError, TooManyFailuresError
+from tasks.fingerprint import Fingerprint, differences
+from tasks.generations import Generation
+from tasks.plan import Plan, plan_changes
 from tasks.report import IngestReport
 from tasks.settings import IngestParams
 from tasks.sources import Source
-from tasks.store import Store, report_json
+from tasks.store import CHUNKS, Store, report_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,15 +30,26 @@ class IngestRun:
     """Live objects of one run, shared by its tasks in this process."""
 
     params: IngestParams
-    store: Store
+    store: Store  # bound to the generation this run writes
     source: Source
     report: IngestReport
+    fingerprint: Fingerprint
+    target: Generation
+    live: Generation | None
+    #: chunks tables of other generations in the same embedding space (the cache reads them)
+    cache_tables: tuple[str, ...] = ()
+    #: vectors computed but not yet written (a retried embed task reuses them)
+    memo: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _embedder: Embedder | None = None
     _chunker: Chunker | None = None
 
     dry_run: bool = False
+
+    @property
+    def source_uri(self) -> str:
+        return self.source.uri
 
     @property
     def embedder(self) -> Embedder:
@@ -59,25 +76,161 @@ class IngestRun:
             self.report.tokens = used
             self.report.cost_usd = round(used * emb.price / 1e6, 6)
 
+    def persist_target(self) -> None:
+        """Write the generation this run builds into the generations table (once)."""
+        if self.live is not None and not self.live.persisted:
+            (self.live,) = generations.save(self.store.db, self.live)  # adopted legacy tables
+        if not self.target.persisted:
+            (self.target,) = generations.save(self.store.db, self.target)
+            if self.target.status == generations.LIVE:
+                self.live = self.target
+            self.store = self.store.at(self.target)
+
     _tokens_at_start: int = 0
 
 
+def _drift_message(uri: str, diffs: list[tuple[str, Any, Any]], live: Generation | None) -> str:
+    lines = "\n".join(f"  {name}: {old!r} -> {new!r}" for name, old, new in diffs)
+    number = live.number if live else 1
+    return (
+        f"the index at {uri!r} (generation {number}) was built with other settings:\n{lines}\n"
+        "Mixing them would leave the table different from a clean build. Either restore the "
+        "old settings, or pass --reindex to rebuild with the new ones beside the live index "
+        "(search keeps answering meanwhile; the switch is atomic), or write to a new --table."
+    )
+
+
+def choose_generation(
+    store: Store, fp: Fingerprint, reindex: bool
+) -> tuple[Generation, Generation | None]:
+    """The generation a run with fingerprint `fp` writes, and the live one.
+
+    Same settings as the live generation: the live one. Other settings: refused with the
+    differences, unless `reindex`, which resumes the build with these settings or plans a new
+    one (written to the table only once the run passes its checks).
+    """
+    gens = store.generations()
+    live = generations.live(gens)
+    if live is None and store.has(CHUNKS):
+        # a table from before generations: adopt it as generation 1 with no fingerprint
+        chunks, documents = generations.table_names(1)
+        live = Generation(1, generations.LIVE, None, chunks, documents, persisted=False)
+        gens = [live]
+    if live is None:
+        return generations.planned(1, fp, generations.LIVE), None
+    if live.key == fp.key:
+        return live, live
+    diffs = differences(live.fingerprint, fp)
+    if not diffs:
+        return live, live  # the same model under another name (same revision)
+    if not reindex:
+        raise IndexDriftError(_drift_message(store.uri, diffs, live), diffs)
+    building = next((g for g in gens if g.status == generations.BUILDING and g.key == fp.key), None)
+    if building is not None:
+        log.info("resuming the build of generation %d", building.number)
+        return building, live
+    number = max(g.number for g in gens) + 1
+    return generations.planned(number, fp, generations.BUILDING), live
+
+
 def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
-    """Open the source and the store and refuse a model the table was not built with."""
-    store = Store(params.store.uri)
-    store.check_model(params.embedder.model, params.embedder.kind)
+    """Open the source and the store; refuse settings the index was not built with."""
+    from tasks import fingerprint as fingerprints
+
     if params.embedder.kind == "openai" and not dry_run:
         from tasks.embedding import resolve_api_key
 
         resolve_api_key(params.embedder)  # a missing key fails here, before any work
+    store = Store(params.store.uri)
+    fp = fingerprints.compute(params.embedder, params.chunking)
+    target, live = choose_generation(store, fp, params.reindex)
     source = Source(params.source)
     report = IngestReport(
         run_id=str(uuid.uuid4()),
-        source=params.source.uri,
+        source=source.uri,
         table=params.store.uri,
-        model=params.embedder.model,
+        model=fp.model,
+        generation=target.number,
+        generation_status=target.status,
     )
-    return IngestRun(params, store, source, report, dry_run=dry_run)
+    cache = tuple(
+        g.chunks_table
+        for g in store.generations()
+        if g.embedding_key == fp.embedding_key and g.number != target.number
+    )
+    return IngestRun(
+        params,
+        store.at(target),
+        source,
+        report,
+        fp,
+        target,
+        live,
+        cache_tables=cache,
+        dry_run=dry_run,
+    )
+
+
+def plan_run(run: IngestRun) -> Plan:
+    """List the source against this source's manifest, then refuse too many deletions.
+
+    A reindex compares the listing with the *live* generation too: a build from an emptied
+    source must not become the live index.
+    """
+    from tasks.plan import check_deletions
+
+    baseline: set[str] | None = None
+    if run.live is not None and run.target.number != run.live.number:
+        baseline = set(run.store.at(run.live).load_manifest(run.source_uri))
+    plan = plan_changes(
+        run.source,
+        run.store.load_manifest(run.source_uri),
+        verify=run.params.verify,
+        baseline=baseline,
+    )
+    try:
+        check_deletions(plan, run.params.max_delete_fraction, run.source_uri)
+    except Exception:
+        plan.cleanup()
+        raise
+    return plan
+
+
+def complete_generation(run: IngestRun, ok: bool) -> bool:
+    """Record that this run's source is built into its generation; when a reindexed
+    generation now has every source the live one has, switch to it (one commit) and drop
+    generations past the retention setting. Returns whether it switched."""
+    from tasks.crashpoints import crash_point
+
+    if not ok or not run.report.listing_complete:
+        return False
+    target = generations.with_source(run.target, run.source_uri)
+    if target.status != generations.BUILDING:
+        if target != run.target:
+            (run.target,) = generations.save(run.store.db, target)
+        return False
+    # every source with documents in the live generation must be in the new one
+    needed = set(run.store.at(run.live).sources()) if run.live is not None else set()
+    waiting = sorted(needed - set(target.sources))
+    if waiting:
+        (run.target,) = generations.save(run.store.db, target)
+        run.report.waiting_for_sources = waiting
+        log.warning(
+            "generation %d is built for %s; it goes live once these sources are rebuilt too "
+            "(run `lanceflow ingest SOURCE --reindex` for each): %s",
+            target.number,
+            run.source_uri,
+            ", ".join(waiting),
+        )
+        return False
+    crash_point("before-switch")
+    run.target = generations.switch(run.store.db, target, run.live)
+    run.live = run.target
+    crash_point("after-switch")
+    generations.drop_old(run.store.db, run.params.store.keep_generations)
+    run.report.generation_status = run.target.status
+    run.report.switched = True
+    return True
 
 
 def finish(run: IngestRun, flow_run_id: str | None = None) -> IngestReport:
@@ -95,6 +248,7 @@ def finish(run: IngestRun, flow_run_id: str | None = None) -> IngestReport:
             "flow_run_id": flow_run_id,
             "source": report.source,
             "model": report.model,
+            "generation": run.target.number,
             "started_at": run.started_at,
             "seconds": report.seconds,
             "status": report.status,
@@ -120,9 +274,15 @@ def quick_check(params: IngestParams) -> IngestReport | None:
     """Without Prefect or the model: when nothing changed and the indexes are current, record
     the run and return its report; else None (the flow has work to do)."""
     run = open_run(params)
-    if not run.store.indexes_current():
+    target = run.target
+    if (
+        target.status != generations.LIVE
+        or not target.persisted
+        or run.source_uri not in target.sources
+        or not run.store.indexes_current()
+    ):
         return None
-    plan = plan_changes(run.source, run.store.load_manifest())
+    plan = plan_run(run)
     try:
         if not plan.nothing_to_do or not plan.listing_complete:
             return None
@@ -130,6 +290,7 @@ def quick_check(params: IngestParams) -> IngestReport | None:
         plan.cleanup()
     run.report.documents.seen = plan.seen
     run.report.documents.unchanged = plan.unchanged
+    run.report.skipped_links = len(run.source.skipped_links)
     run.report.orchestrated = False
     return finish(run)
 
@@ -143,7 +304,7 @@ def dry_run(params: IngestParams) -> IngestReport:
 
     run = open_run(params, dry_run=True)
     report = run.report
-    plan = plan_changes(run.source, run.store.load_manifest())
+    plan = plan_changes(run.source, run.store.load_manifest(run.source_uri), verify=params.verify)
     report.documents.seen = plan.seen
     report.documents.unchanged = plan.unchanged
     report.documents.deleted = len(plan.deleted_ids)
@@ -160,7 +321,7 @@ def dry_run(params: IngestParams) -> IngestReport:
                 if o.status == "ok":
                     for c in o.chunks:
                         texts.setdefault(text_hash(c.text), c.text)
-            cached = run.store.cached_vectors(list(texts))
+            cached = run.store.cached_vectors(list(texts), run.cache_tables)
             fresh = [t for h, t in texts.items() if h not in cached and h not in seen_hashes]
             seen_hashes.update(texts)
             total = sum(len(o.chunks) for o in outcomes if o.status == "ok")

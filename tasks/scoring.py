@@ -12,7 +12,7 @@ from tasks.errors import TableError
 from tasks.evaluation import QuerySet, retrieve_documents
 from tasks.metrics import score_run
 from tasks.search import Mode, embedder_for_table
-from tasks.store import CHUNKS, Store
+from tasks.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class ModeResult:
 @dataclass
 class Evaluation:
     dataset: str
+    generation: int
     table_version: int
     model: str
     queries: int
@@ -38,6 +39,7 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
+            "generation": self.generation,
             "table_version": self.table_version,
             "model": self.model,
             "queries": self.queries,
@@ -58,7 +60,7 @@ def evaluate_table(
 ) -> Evaluation:
     """Score every mode on the judged queries, through the same search path as the CLI."""
     model = store.table_model()
-    if model is None or store.table(CHUNKS).count_rows() == 0:
+    if model is None or store.chunks_table().count_rows() == 0:
         raise TableError(
             f"the table at {store.uri!r} is empty: ingest the documents the query set judges first"
         )
@@ -78,6 +80,7 @@ def evaluate_table(
         embedder = embedder_for_table(store)
     ev = Evaluation(
         dataset=query_set.name,
+        generation=store.generation_number,
         table_version=store.version(),
         model=model.model_id,
         queries=len(judged),

@@ -17,13 +17,13 @@ from pydantic import BaseModel
 
 from tasks.embedders.base import Embedder
 from tasks.errors import ConfigurationError, TableError
-from tasks.store import CHUNKS, Store, cjk_text, has_cjk
+from tasks.store import Store, cjk_text, has_cjk
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["vector", "fts", "hybrid"]
 RRF_K = 60
-_COLUMNS = ["chunk_id", "doc_id", "text", "title", "heading", "chunk_index"]
+_COLUMNS = ["chunk_id", "doc_id", "source_uri", "text", "title", "heading", "chunk_index"]
 
 
 class SearchHit(BaseModel):
@@ -31,17 +31,34 @@ class SearchHit(BaseModel):
     chunk_id: str
     text: str
     score: float
+    source: str = ""  # the canonical URI of the source the document came from
+    generation: int = 0  # the index generation that answered
     title: str | None = None
     heading: str | None = None
 
 
 def embedder_for_table(store: Store, **overrides: Any) -> Embedder:
-    """The embedder of the model recorded in the table (queries must use the same model)."""
+    """The embedder the live generation was built with (queries must use the same model,
+    backend and precision)."""
     recorded = store.table_model()
     if recorded is None:
         raise TableError(
             f"no chunks table in {store.uri!r}: run `lanceflow ingest SOURCE --table {store.uri}`"
         )
+    gen = store.generation
+    fp = gen.fingerprint if gen is not None else None
+    if fp is not None and fp.embedder == "hash":
+        from tasks.embedders.hashing import HashEmbedder
+
+        return HashEmbedder(dimension=recorded.dimension)
+    if fp is not None and fp.embedder == "local" and not overrides:
+        from tasks.embedders.local import get_local_embedder
+
+        if fp.backend.startswith("onnx"):
+            return get_local_embedder(fp.model, device="cpu", backend=fp.backend)
+        return get_local_embedder(fp.model, device="auto", backend="torch")
+    if fp is not None and fp.embedder == "openai" and fp.endpoint:
+        overrides.setdefault("base_url", fp.endpoint)
     if recorded.embedder == "local":
         from tasks.embedders.local import get_local_embedder
 
@@ -127,11 +144,7 @@ def search_rows(
     """Ranked chunk rows for each query; vector queries are embedded in one batch."""
     if mode not in ("vector", "fts", "hybrid"):
         raise ConfigurationError(f"unknown search mode {mode!r}: use vector, fts or hybrid")
-    if not store.has(CHUNKS):
-        raise TableError(
-            f"no chunks table in {store.uri!r}: run `lanceflow ingest SOURCE --table {store.uri}`"
-        )
-    tbl = store.table(CHUNKS)
+    tbl = store.chunks_table()
     if tbl.count_rows() == 0:
         raise TableError(f"the chunks table in {store.uri!r} is empty: ingest documents first")
     vectors: Any = None
@@ -169,6 +182,8 @@ def search(
             chunk_id=r["chunk_id"],
             text=r["text"],
             score=float(r["_score"]),
+            source=r.get("source_uri") or "",
+            generation=store.generation_number,
             title=r.get("title"),
             heading=r.get("heading"),
         )

@@ -58,6 +58,11 @@ class SourceSettings(_Model):
     )
     title_field: str = Field("title", description="Record files: the title column.")
     text_field: str = Field("text", description="Record files: the text column.")
+    follow_external_links: bool = Field(
+        False,
+        description="Follow symbolic links that lead outside the source folder. Off: such links "
+        "are left out (and noted in the run report).",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra fsspec options such as an endpoint URL. Never put credentials here: "
@@ -85,7 +90,7 @@ class ChunkSettings(_Model):
     )
 
 
-EmbedderKind = Literal["local", "openai"]
+EmbedderKind = Literal["local", "openai", "hash"]
 
 
 class EmbedderSettings(_Model):
@@ -94,7 +99,8 @@ class EmbedderSettings(_Model):
     kind: EmbedderKind = Field(
         "local",
         description="'local': a sentence-transformers model; 'openai': the OpenAI embeddings "
-        "API or any OpenAI-compatible server.",
+        "API or any OpenAI-compatible server; 'hash': hashed word features, a deterministic "
+        "aid for tests and benchmarks, not a semantic model.",
     )
     model: str = Field(
         DEFAULT_MODEL,
@@ -175,6 +181,13 @@ class StoreSettings(_Model):
     cleanup_older_than_days: float = Field(
         7.0, ge=0, le=3650, description="Table versions older than this are pruned by upkeep."
     )
+    keep_generations: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description="Earlier index generations kept after a --reindex switch, for rollback "
+        "(`lanceflow generations --activate N`); older ones are dropped.",
+    )
 
 
 class IngestParams(_Model):
@@ -195,6 +208,24 @@ class IngestParams(_Model):
         ge=0.0,
         le=1.0,
         description="The run fails when more than this share of the documents seen failed.",
+    )
+    max_delete_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Refuse a run that would delete more than this share of its source's "
+        "indexed documents (an empty listing of a source that had documents is refused unless "
+        "this is 1). Nothing is written in a refused run.",
+    )
+    verify: bool = Field(
+        False,
+        description="Re-hash every document regardless of size and modification time; changed "
+        "ones are re-embedded. Run it weekly (the maintenance flow does).",
+    )
+    reindex: bool = Field(
+        False,
+        description="Settings differ from the table's: build a new index generation with these "
+        "settings beside the live one and switch to it atomically when it is complete.",
     )
 
 

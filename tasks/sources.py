@@ -63,6 +63,26 @@ class RecordError:
     error: str
 
 
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
+def canonical_source_uri(uri: str) -> str:
+    """One name per source: an absolute local path (symlinks resolved, no trailing slash), or
+    a bucket URL with a lower-case scheme and no trailing or doubled slashes. `docs`, `./docs/`
+    and `/abs/docs` are one source; so are `s3://b/p/` and `s3a://b/p`."""
+    uri = uri.strip()
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        return os.path.realpath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    scheme = _SCHEME_ALIASES.get(scheme, scheme)
+    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest  # no credentials
+    parts = [p for p in rest.split("/") if p]
+    return f"{scheme}://{'/'.join(parts)}"
+
+
 def supported(rel: str) -> bool:
     return rel.lower().endswith(FILE_EXTENSIONS + RECORD_EXTENSIONS)
 
@@ -120,9 +140,15 @@ class Source:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.local = isinstance(fs, LocalFileSystem)
+        self.uri = canonical_source_uri(settings.uri)
+        self.real_root = os.path.realpath(self.root) if self.local else self.root
         #: False once any part of the listing failed: the run must then delete nothing.
         self.complete = True
         self.listing_errors: list[tuple[str, str]] = []
+        #: links to outside the source root, left out (follow_external_links is off)
+        self.skipped_links: list[str] = []
+        #: False when the listing gave no modification times: every file is then re-hashed
+        self.reliable_mtime = True
 
     # ---- listing -------------------------------------------------------------------------
 
@@ -187,9 +213,17 @@ class Source:
                     )
                 else:
                     reason = f"cannot stat: {exc.strerror or exc}"
+                # whatever it pointed at may be a document we index: delete nothing this run
+                self._listing_failed(child_rel, reason)
                 if supported(child_rel):
                     yield FileEntry(e.path, child_rel, 0, 0.0, error=reason)
                 continue
+            if e.is_symlink() and not self.settings.follow_external_links:
+                target = os.path.realpath(e.path)
+                if os.path.commonpath([target, self.real_root]) != self.real_root:
+                    self.skipped_links.append(child_rel)
+                    log.info("left out %s: a link to %s, outside the source", child_rel, target)
+                    continue
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in visited:
@@ -221,7 +255,10 @@ class Source:
                     rel = full[len(root) :].lstrip("/") if full.startswith(root) else name
                     if not rel or full.endswith("/"):
                         continue
-                    yield FileEntry(full, rel, int(info.get("size") or 0), _mtime(info))
+                    mtime = _mtime(info)
+                    if mtime == 0.0:
+                        self.reliable_mtime = False
+                    yield FileEntry(full, rel, int(info.get("size") or 0), mtime)
             if first and not fs.exists(root):
                 raise SourceError(f"source {self.settings.uri!r} does not exist.")
         except SourceError:

@@ -18,9 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
 from tasks.embedding import EmbeddedBatch, embed_outcomes
 from tasks.errors import LanceflowError, ModelMismatchError
-from tasks.plan import RECORDS_MARKER, Plan, plan_changes
+from tasks.identity import doc_key
+from tasks.plan import RECORDS_MARKER, Plan
 from tasks.report import Failure, IngestReport
-from tasks.runs import IngestRun, finish, open_run
+from tasks.runs import IngestRun, complete_generation, finish, open_run, plan_run
 from tasks.settings import IngestParams
 from tasks.store import TableModel, sql_in
 from tasks.writing import write_batch
@@ -56,14 +57,17 @@ def open_run_task(params: IngestParams) -> IngestRun:
 
 @_io_task("list_documents")
 def list_documents(run: IngestRun) -> Plan:
+    """List the source against the manifest; refuse too many deletions before any write."""
     run.source.complete = True
     run.source.listing_errors.clear()
-    plan = plan_changes(run.source, run.store.load_manifest())
+    run.source.skipped_links.clear()
+    plan = plan_run(run)
+    run.persist_target()
     run.report.documents.seen = plan.seen
     run.report.documents.unchanged = plan.unchanged
     run.report.listing_complete = plan.listing_complete
-    for where, why in plan.listing_errors:
-        run.report.failures.append(Failure(doc_id=where, error=why))
+    run.report.listing_errors = [Failure(doc_id=w, error=why) for w, why in plan.listing_errors]
+    run.report.skipped_links = len(run.source.skipped_links)
     return plan
 
 
@@ -82,17 +86,27 @@ def chunk_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
 
 @_io_task("embed_chunks")
 def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
-    batch = embed_outcomes(outcomes, run.embedder, run.store, run.params.embedder.kind)
+    """Vectors from the cache, the run's memo of unwritten vectors, then the model."""
+    batch = embed_outcomes(
+        outcomes,
+        run.embedder,
+        run.store,
+        run.params.embedder.kind,
+        run.source_uri,
+        cache_tables=run.cache_tables,
+        memo=run.memo,
+    )
     if batch.rows is not None:
-        recorded = run.store.table_model()
         dim = batch.rows.schema.field("vector").type.list_size
-        if recorded is not None and recorded.dimension != dim:
+        expected = run.fingerprint.dimension
+        if expected is not None and expected != dim:
             raise ModelMismatchError(
-                f"the table holds {recorded.dimension}-dimensional vectors but "
-                f"{run.embedder.model_id} gives {dim}: write to a new --table"
+                f"{run.fingerprint.model} gives {dim}-dimensional vectors, not the "
+                f"{expected} its configuration promised: pass --reindex to rebuild"
             )
-        if recorded is None:
-            run.store.chunks(TableModel(run.embedder.model_id, dim, run.params.embedder.kind))
+        run.store.check_dimension(run.fingerprint.model, dim)
+        if not run.store.has_chunks():
+            run.store.chunks(TableModel(run.fingerprint.model, dim, run.params.embedder.kind))
     run.report.chunks.embedded += batch.embedded
     run.report.chunks.cached += batch.cached
     return batch
@@ -100,17 +114,22 @@ def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
 
 @_io_task("write_chunks")
 def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
-    write_batch(run.store, outcomes, batch.rows, run.report)
+    counts = write_batch(run.store, outcomes, batch.rows, run.source_uri)
+    run.report.merge(counts)  # only after both commits: a retry never counts twice
+    run.memo.clear()  # every vector of the batch is in the table now
 
 
 @_io_task("mark_record_files")
 def mark_record_files(run: IngestRun, plan: Plan) -> None:
     """Record files whose records are all stored: a later run may skip them by size and time."""
+    uri = run.source_uri
     run.store.upsert_documents(
         [
             {
+                "doc_key": doc_key(uri, rel),
                 "doc_id": rel,
-                "source": rel,
+                "source_uri": uri,
+                "path": rel,
                 "content_hash": None,
                 "size": size,
                 "mtime": mtime,
@@ -123,22 +142,24 @@ def mark_record_files(run: IngestRun, plan: Plan) -> None:
         ]
     )
     if plan.listing_complete and plan.deleted_markers:
-        run.store.delete_documents(plan.deleted_markers)
+        run.store.delete_documents([doc_key(uri, d) for d in plan.deleted_markers])
 
 
 @_io_task("delete_documents")
 def delete_documents(run: IngestRun, plan: Plan) -> int:
+    """Documents of this source that the (complete) listing no longer has, with their chunks."""
     if not plan.listing_complete or not plan.deleted_ids:
         return 0
+    keys = [doc_key(run.source_uri, d) for d in plan.deleted_ids]
     removed = 0
-    if run.store.has("chunks"):
-        tbl = run.store.table("chunks")
-        for i in range(0, len(plan.deleted_ids), 500):
-            removed += tbl.count_rows(sql_in("doc_id", plan.deleted_ids[i : i + 500]))
-    run.store.delete_documents(plan.deleted_ids)
-    run.report.documents.deleted = len(plan.deleted_ids)
-    run.report.chunks.deleted += removed
-    return len(plan.deleted_ids)
+    if run.store.has_chunks():
+        tbl = run.store.chunks_table()
+        for i in range(0, len(keys), 500):
+            removed += tbl.count_rows(sql_in("doc_key", keys[i : i + 500]))
+    run.store.delete_documents(keys)
+    run.report.documents.deleted = len(keys)
+    run.report.chunks.deleted += removed  # set once: a retry finds nothing left to count
+    return len(keys)
 
 
 @_io_task("refresh_indexes")
@@ -147,6 +168,14 @@ def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
     return run.store.refresh_indexes(
         s.vector_index_min_rows, timedelta(days=s.cleanup_older_than_days), changed
     )
+
+
+@_io_task("switch_generation")
+def switch_generation(run: IngestRun) -> bool:
+    """Record this source as built; make a complete reindexed generation live (one commit)."""
+    limit = run.params.max_failed_fraction
+    ok = not (run.report.documents.failed > 0 and run.report.failed_fraction > limit)
+    return complete_generation(run, ok)
 
 
 @task(name="report_run", cache_policy=NO_CACHE, persist_result=False)

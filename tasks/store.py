@@ -1,10 +1,13 @@
 """The LanceDB side: table schemas (declared once), writes, deletes, indexes and upkeep.
 
 Tables in one database directory:
-    chunks     one row per chunk, with its vector; records the model that made it
-    documents  the manifest: one row per document, its content hash and status
-    runs       one row per ingest run: the run report
+    chunks       one row per chunk, with its vector; records the model that made it
+    documents    the manifest: one row per (source, document), its content hash and status
+    generations  which chunks/documents pair is live, which is being built (tasks.generations)
+    runs         one row per ingest run: the run report
     evaluations  one row per evaluation run and retrieval mode: the metric history
+
+`chunks` and `documents` exist once per index generation (`chunks_g2`, ... after a reindex).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from tasks.crashpoints import crash_point
 from tasks.errors import ModelMismatchError, TableError
+from tasks.generations import GENERATIONS, Generation, list_generations
+from tasks.generations import live as live_generation
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,10 @@ def chunks_schema(dimension: int, model_id: str, embedder: str) -> pa.Schema:
     return pa.schema(
         [
             pa.field("chunk_id", pa.string(), nullable=False),
+            # hash of (source_uri, doc_id): one document of one source
+            pa.field("doc_key", pa.string(), nullable=False),
             pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("source_uri", pa.string(), nullable=False),
             pa.field("chunk_index", pa.int32(), nullable=False),
             pa.field("text", pa.string(), nullable=False),
             # CJK runs of the text only: indexed with a character n-gram tokenizer, since
@@ -52,7 +61,7 @@ def chunks_schema(dimension: int, model_id: str, embedder: str) -> pa.Schema:
             pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
             pa.field("title", pa.string()),
             pa.field("heading", pa.string()),
-            pa.field("source", pa.string()),
+            pa.field("path", pa.string()),  # the file within the source it came from
             pa.field("char_start", pa.int32()),
             pa.field("char_end", pa.int32()),
             pa.field("page_start", pa.int32()),
@@ -68,13 +77,15 @@ def chunks_schema(dimension: int, model_id: str, embedder: str) -> pa.Schema:
 
 DOCUMENTS_SCHEMA = pa.schema(
     [
+        pa.field("doc_key", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
         pa.field("content_hash", pa.string()),
         pa.field("size", pa.int64()),
         pa.field("mtime", pa.float64()),
         pa.field("chunk_count", pa.int32()),
-        pa.field("status", pa.string(), nullable=False),  # 'ok' | 'failed'
+        pa.field("status", pa.string(), nullable=False),  # DocStatus
         pa.field("error", pa.string()),
         pa.field("title", pa.string()),
         pa.field("updated_at", pa.timestamp("us", tz="UTC")),
@@ -85,8 +96,9 @@ RUNS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("flow_run_id", pa.string()),
-        pa.field("source", pa.string()),
+        pa.field("source", pa.string()),  # the canonical source URI
         pa.field("model", pa.string()),
+        pa.field("generation", pa.int64()),
         pa.field("started_at", pa.timestamp("us", tz="UTC")),
         pa.field("seconds", pa.float64()),
         pa.field("status", pa.string()),
@@ -106,6 +118,7 @@ EVALUATIONS_SCHEMA = pa.schema(
         pa.field("flow_run_id", pa.string()),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("mode", pa.string(), nullable=False),
+        pa.field("generation", pa.int64()),
         pa.field("table_version", pa.int64()),
         pa.field("model", pa.string()),
         pa.field("queries", pa.int64()),
@@ -114,6 +127,16 @@ EVALUATIONS_SCHEMA = pa.schema(
         pa.field("evaluated_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+class ManifestRow(NamedTuple):
+    """One document of the manifest, as change detection needs it."""
+
+    content_hash: str | None
+    size: int
+    mtime: float
+    status: str
+    path: str
 
 
 def cjk_text(text: str) -> str:
@@ -140,19 +163,64 @@ class TableModel:
     embedder: str
 
 
+#: tables that get compaction and old-version cleanup besides the generation's own
+_UPKEEP_TABLES = (RUNS, EVALUATIONS, GENERATIONS)
+
+
 class Store:
-    """One LanceDB database directory with lanceflow's tables."""
+    """One LanceDB database with lanceflow's tables, bound to one index generation.
 
-    def __init__(self, uri: str) -> None:
-        import lancedb
+    `Store(uri)` reads the live generation (what search and evaluation use); `store.at(gen)`
+    gives a view of another generation over the same connection (a `--reindex` builds one).
+    """
 
+    def __init__(self, uri: str, *, _db: Any = None, _generation: Generation | None = None) -> None:
         self.uri = uri
-        try:
-            # strong consistency: every read sees the latest commit, from any writer
-            self.db = lancedb.connect(uri, read_consistency_interval=timedelta(0))
-        except Exception as exc:
-            raise TableError(f"cannot open LanceDB at {uri!r}: {exc}") from exc
+        if _db is None:
+            import lancedb
+
+            try:
+                # strong consistency: every read sees the latest commit, from any writer
+                _db = lancedb.connect(uri, read_consistency_interval=timedelta(0))
+            except Exception as exc:
+                raise TableError(f"cannot open LanceDB at {uri!r}: {exc}") from exc
+        self.db = _db
+        self._generation = _generation
+        self._bound = _generation is not None
         self._tables: dict[str, Any] = {}
+
+    def at(self, generation: Generation) -> Store:
+        """A view of `generation` sharing this connection."""
+        return Store(self.uri, _db=self.db, _generation=generation)
+
+    # ---- generations ---------------------------------------------------------------------
+
+    def generations(self) -> list[Generation]:
+        return list_generations(self.db)
+
+    @property
+    def generation(self) -> Generation | None:
+        """The generation this view reads: the one it was bound to, else the live one (None
+        for an empty database, or a table written before generations existed)."""
+        if not self._bound:
+            self._generation = live_generation(self.generations())
+            self._bound = True
+        return self._generation
+
+    @property
+    def generation_number(self) -> int:
+        gen = self.generation
+        return gen.number if gen is not None else (1 if self.has(CHUNKS) else 0)
+
+    @property
+    def chunks_name(self) -> str:
+        gen = self.generation
+        return gen.chunks_table if gen is not None else CHUNKS
+
+    @property
+    def documents_name(self) -> str:
+        gen = self.generation
+        return gen.documents_table if gen is not None else DOCUMENTS
 
     # ---- tables ------------------------------------------------------------------------
 
@@ -178,27 +246,35 @@ class Store:
         self._tables[name] = tbl
         return tbl
 
+    def has_chunks(self) -> bool:
+        return self.has(self.chunks_name)
+
+    def chunks_table(self) -> Any:
+        """The generation's chunks table (TableError when there is none yet)."""
+        if not self.has_chunks():
+            raise TableError(
+                f"no chunks table in {self.uri!r}: run `lanceflow ingest SOURCE --table "
+                f"{self.uri}` first"
+            )
+        return self.table(self.chunks_name)
+
     def documents(self) -> Any:
-        return self._ensure(DOCUMENTS, DOCUMENTS_SCHEMA)
+        return self._ensure(self.documents_name, DOCUMENTS_SCHEMA)
 
     def runs(self) -> Any:
         return self._ensure(RUNS, RUNS_SCHEMA)
 
     def chunks(self, model: TableModel | None = None) -> Any:
-        if self.has(CHUNKS):
-            return self.table(CHUNKS)
-        if model is None:
-            raise TableError(
-                f"no chunks table in {self.uri!r}: run `lanceflow ingest SOURCE --table "
-                f"{self.uri}` first"
-            )
-        return self._ensure(CHUNKS, chunks_schema(model.dimension, model.model_id, model.embedder))
+        if self.has_chunks() or model is None:
+            return self.chunks_table()
+        schema = chunks_schema(model.dimension, model.model_id, model.embedder)
+        return self._ensure(self.chunks_name, schema)
 
     def table_model(self) -> TableModel | None:
         """The model recorded in the chunks table, or None when there is no table yet."""
-        if not self.has(CHUNKS):
+        if not self.has_chunks():
             return None
-        meta = self.table(CHUNKS).schema.metadata or {}
+        meta = self.table(self.chunks_name).schema.metadata or {}
         try:
             return TableModel(
                 meta[META_MODEL].decode(), int(meta[META_DIM]), meta[META_EMBEDDER].decode()
@@ -209,46 +285,46 @@ class Store:
                 "recorded); use another --table"
             ) from exc
 
-    def check_model(self, model_id: str, embedder: str, dimension: int | None = None) -> None:
-        """Refuse to mix models or dimensions in one table."""
+    def check_dimension(self, model_id: str, dimension: int) -> None:
         recorded = self.table_model()
-        if recorded is None:
-            return
-        if recorded.model_id != model_id or recorded.embedder != embedder:
-            raise ModelMismatchError(
-                f"the table at {self.uri!r} was embedded with {recorded.embedder} model "
-                f"{recorded.model_id!r} (dimension {recorded.dimension}); you asked for "
-                f"{embedder} model {model_id!r}. Vectors of two models cannot share a table: "
-                f"pass --model {recorded.model_id!r}, or write to a new --table (or delete "
-                "this one to rebuild it)."
-            )
-        if dimension is not None and recorded.dimension != dimension:
+        if recorded is not None and recorded.dimension != dimension:
             raise ModelMismatchError(
                 f"the table at {self.uri!r} holds {recorded.dimension}-dimensional vectors; "
-                f"the model now gives {dimension}. Write to a new --table."
+                f"{model_id} now gives {dimension}. Rebuild with --reindex, or write to a new "
+                "--table."
             )
 
     def version(self) -> int:
-        return int(self.table(CHUNKS).version) if self.has(CHUNKS) else 0
+        return int(self.table(self.chunks_name).version) if self.has_chunks() else 0
 
     # ---- manifest ----------------------------------------------------------------------
 
-    def load_manifest(self) -> dict[str, tuple[str | None, int, float, str, str]]:
-        """doc_id -> (content_hash, size, mtime, status, source)."""
-        if not self.has(DOCUMENTS):
+    def load_manifest(self, source_uri: str) -> dict[str, ManifestRow]:
+        """doc_id -> its manifest row, for the documents of one source."""
+        if not self.has(self.documents_name):
             return {}
-        tbl = self.table(DOCUMENTS)
         data = (
-            tbl.search()
-            .select(["doc_id", "content_hash", "size", "mtime", "status", "source"])
+            self.table(self.documents_name)
+            .search()
+            .where(f"source_uri = {sql_str(source_uri)}")
+            .select(["doc_id", "content_hash", "size", "mtime", "status", "path"])
             .limit(None)
             .to_arrow()
         )
         cols = [data.column(c).to_pylist() for c in data.column_names]
         return {
-            row[0]: (row[1], row[2] or 0, row[3] or 0.0, row[4], row[5])
+            row[0]: ManifestRow(row[1], row[2] or 0, row[3] or 0.0, row[4], row[5])
             for row in zip(*cols, strict=True)
         }
+
+    def sources(self) -> list[str]:
+        """The source URIs with documents in this generation."""
+        if not self.has(self.documents_name):
+            return []
+        data = (
+            self.table(self.documents_name).search().select(["source_uri"]).limit(None).to_arrow()
+        )
+        return sorted(set(data.column("source_uri").to_pylist()))
 
     def upsert_documents(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -259,62 +335,102 @@ class Store:
         data = pa.Table.from_pylist(rows, schema=DOCUMENTS_SCHEMA)
         (
             self.documents()
-            .merge_insert("doc_id")
+            .merge_insert("doc_key")
             .when_matched_update_all()
             .when_not_matched_insert_all()
             .execute(data)
         )
 
-    def delete_documents(self, doc_ids: Sequence[str], batch: int = 500) -> None:
+    def delete_documents(self, doc_keys: Sequence[str], batch: int = 500) -> None:
         """Remove documents and all their chunks (chunks first, so a crash converges)."""
-        for i in range(0, len(doc_ids), batch):
-            part = doc_ids[i : i + batch]
-            if self.has(CHUNKS):
-                self.table(CHUNKS).delete(sql_in("doc_id", part))
-            self.documents().delete(sql_in("doc_id", part))
+        for i in range(0, len(doc_keys), batch):
+            part = doc_keys[i : i + batch]
+            if self.has_chunks():
+                self.table(self.chunks_name).delete(sql_in("doc_key", part))
+            crash_point("during-deletions")
+            self.documents().delete(sql_in("doc_key", part))
+
+    def document_rows(self, doc_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not doc_keys or not self.has(self.documents_name):
+            return {}
+        data = self.documents().search().where(sql_in("doc_key", doc_keys)).limit(None).to_arrow()
+        return {r["doc_key"]: r for r in data.to_pylist()}
 
     # ---- chunks ------------------------------------------------------------------------
 
-    def cached_vectors(self, hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        """Vectors already in the table for these chunk-text hashes (the embedding cache)."""
-        if not hashes or not self.has(CHUNKS):
-            return {}
-        tbl = self.table(CHUNKS)
-        found: dict[str, np.ndarray] = {}
+    def cached_vectors(
+        self, hashes: Sequence[str], also: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Vectors already stored for these chunk-text hashes: the embedding cache. Looks in
+        this generation's chunks and in `also`, chunks tables of other generations with the
+        same embedding fingerprint (never another embedding space)."""
         unique = list(dict.fromkeys(hashes))
-        for i in range(0, len(unique), 1000):
-            part = unique[i : i + 1000]
-            data = (
-                tbl.search()
-                .where(sql_in("text_hash", part))
-                .select(["text_hash", "vector"])
-                .limit(None)
-                .to_arrow()
-            )
-            if data.num_rows == 0:
+        found: dict[str, np.ndarray] = {}
+        for name in (self.chunks_name, *also):
+            if not unique or not self.has(name):
                 continue
-            keys = data.column("text_hash").to_pylist()
-            vecs = data.column("vector").combine_chunks()
-            dim = vecs.type.list_size
-            flat = vecs.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-            for k, v in zip(keys, flat, strict=True):
-                found.setdefault(k, v)
+            tbl = self.table(name)
+            for i in range(0, len(unique), 1000):
+                part = unique[i : i + 1000]
+                data = (
+                    tbl.search()
+                    .where(sql_in("text_hash", part))
+                    .select(["text_hash", "vector"])
+                    .limit(None)
+                    .to_arrow()
+                )
+                if data.num_rows == 0:
+                    continue
+                keys = data.column("text_hash").to_pylist()
+                vecs = data.column("vector").combine_chunks()
+                dim = vecs.type.list_size
+                flat = vecs.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+                for k, v in zip(keys, flat, strict=True):
+                    found.setdefault(k, v)
+            unique = [h for h in unique if h not in found]
         return found
 
-    def replace_chunks(self, rows: pa.Table, replace_doc_ids: Sequence[str]) -> None:
+    def chunk_ids_of(self, doc_keys: Sequence[str]) -> set[str]:
+        if not doc_keys or not self.has_chunks():
+            return set()
+        data = (
+            self.table(self.chunks_name)
+            .search()
+            .where(sql_in("doc_key", doc_keys))
+            .select(["chunk_id"])
+            .limit(None)
+            .to_arrow()
+        )
+        return set(data.column("chunk_id").to_pylist())
+
+    def replace_chunks(self, rows: pa.Table, replace_doc_keys: Sequence[str]) -> None:
         """Upsert chunks on chunk_id and drop the other chunks of the given documents, in one
         commit: a document's old chunks never coexist with its new ones."""
         tbl = self.chunks()
         if rows.num_rows == 0:
-            if replace_doc_ids:
-                tbl.delete(sql_in("doc_id", replace_doc_ids))
+            if replace_doc_keys:
+                tbl.delete(sql_in("doc_key", replace_doc_keys))
             return
         builder = (
             tbl.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all()
         )
-        if replace_doc_ids:
-            builder = builder.when_not_matched_by_source_delete(sql_in("doc_id", replace_doc_ids))
+        if replace_doc_keys:
+            builder = builder.when_not_matched_by_source_delete(sql_in("doc_key", replace_doc_keys))
         builder.execute(rows)
+        self._index_keys_once(tbl)
+
+    def _index_keys_once(self, tbl: Any) -> None:
+        """B-tree indexes on the lookup keys as soon as the table has rows, so the lookups of
+        a large first run do not scan the whole table for every batch."""
+        names = {ix.name for ix in tbl.list_indices()}
+        for column in ("chunk_id", "doc_key", "text_hash"):
+            if f"{column}_idx" not in names:
+                tbl.create_scalar_index(column, index_type="BTREE", replace=True)
+        docs = self.documents_name
+        if self.has(docs):
+            dtbl = self.table(docs)
+            if "doc_key_idx" not in {ix.name for ix in dtbl.list_indices()} and dtbl.count_rows():
+                dtbl.create_scalar_index("doc_key", index_type="BTREE", replace=True)
 
     # ---- runs --------------------------------------------------------------------------
 
@@ -343,10 +459,10 @@ class Store:
 
     def document_ids(self) -> set[str]:
         """Ids of the documents indexed (status ok)."""
-        if not self.has(DOCUMENTS):
+        if not self.has(self.documents_name):
             return set()
         data = (
-            self.table(DOCUMENTS)
+            self.table(self.documents_name)
             .search()
             .where("status = 'ok'")
             .select(["doc_id"])
@@ -358,9 +474,9 @@ class Store:
     # ---- indexes and upkeep ------------------------------------------------------------
 
     def index_names(self) -> set[str]:
-        if not self.has(CHUNKS):
+        if not self.has_chunks():
             return set()
-        return {ix.name for ix in self.table(CHUNKS).list_indices()}
+        return {ix.name for ix in self.table(self.chunks_name).list_indices()}
 
     def indexes_current(self) -> bool:
         names = self.index_names()
@@ -370,9 +486,9 @@ class Store:
         self, vector_index_min_rows: int, cleanup_older_than: timedelta | None, changed: bool
     ) -> dict[str, Any]:
         """Create missing indexes, fold new rows into existing ones, compact and prune."""
-        if not self.has(CHUNKS):
+        if not self.has_chunks():
             return {"indexes": []}
-        tbl = self.table(CHUNKS)
+        tbl = self.table(self.chunks_name)
         names = self.index_names()
         created: list[str] = []
         rows = tbl.count_rows()
@@ -387,6 +503,7 @@ class Store:
                 ascii_folding=True,
             )
             created.append("text_idx")
+        crash_point("during-index-refresh")
         if "text_cjk_idx" not in names:
             tbl.create_fts_index(
                 "text_cjk",
@@ -401,7 +518,7 @@ class Store:
                 ascii_folding=False,
             )
             created.append("text_cjk_idx")
-        for column in ("chunk_id", "doc_id", "text_hash"):
+        for column in ("chunk_id", "doc_key", "text_hash"):
             if f"{column}_idx" not in names and rows:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
                 created.append(f"{column}_idx")
@@ -411,7 +528,22 @@ class Store:
         if changed:
             # compaction, folding new rows into the indexes, pruning old versions
             tbl.optimize(cleanup_older_than=cleanup_older_than)
+            self.upkeep(cleanup_older_than)
         return {"indexes": sorted(self.index_names()), "created": created, "rows": rows}
+
+    def upkeep(self, cleanup_older_than: timedelta | None) -> list[str]:
+        """Compaction and old-version cleanup for the manifest and the bookkeeping tables."""
+        done = []
+        for name in (self.documents_name, *_UPKEEP_TABLES):
+            if not self.has(name):
+                continue
+            tbl = self.table(name)
+            if name == self.documents_name and tbl.count_rows():
+                if "doc_key_idx" not in {ix.name for ix in tbl.list_indices()}:
+                    tbl.create_scalar_index("doc_key", index_type="BTREE", replace=True)
+            tbl.optimize(cleanup_older_than=cleanup_older_than)
+            done.append(name)
+        return done
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

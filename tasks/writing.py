@@ -12,63 +12,53 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.crashpoints import crash_point
 from tasks.documents import DocOutcome
+from tasks.identity import doc_key
 from tasks.report import IngestReport
-from tasks.store import CHUNKS, DOCUMENTS, Store, sql_in
-
-
-def _old_rows(store: Store, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    if not doc_ids or not store.has(DOCUMENTS):
-        return {}
-    data = store.documents().search().where(sql_in("doc_id", doc_ids)).limit(None).to_arrow()
-    return {r["doc_id"]: r for r in data.to_pylist()}
-
-
-def _old_chunk_ids(store: Store, doc_ids: Sequence[str]) -> set[str]:
-    if not doc_ids or not store.has(CHUNKS):
-        return set()
-    data = (
-        store.table(CHUNKS)
-        .search()
-        .where(sql_in("doc_id", doc_ids))
-        .select(["chunk_id"])
-        .limit(None)
-        .to_arrow()
-    )
-    return set(data.column("chunk_id").to_pylist())
+from tasks.store import Store
 
 
 def write_batch(
-    store: Store, outcomes: Sequence[DocOutcome], rows: pa.Table | None, report: IngestReport
-) -> None:
-    """Upsert the batch's chunks and manifest rows, and count what happened in the report."""
+    store: Store,
+    outcomes: Sequence[DocOutcome],
+    rows: pa.Table | None,
+    source_uri: str,
+) -> IngestReport:
+    """Upsert the batch's chunks and manifest rows; returns what happened as a report to add
+    to the run's (only once both commits succeeded, so a retried write never counts twice)."""
+    counts = IngestReport()
+    keys = {o.doc_id: doc_key(source_uri, o.doc_id) for o in outcomes}
     replace = [
-        o.doc_id
+        keys[o.doc_id]
         for o in outcomes
         if o.status == "ok"
         or o.partial
         or (o.status == "failed" and not o.keep_chunks and o.state != "new")
     ]
-    old_ids = _old_chunk_ids(store, replace)
+    old_ids = store.chunk_ids_of(replace)
     new_ids = set(rows.column("chunk_id").to_pylist()) if rows is not None else set()
-    if rows is not None or (replace and store.has(CHUNKS)):
+    if rows is not None or (replace and store.has_chunks()):
         empty = pa.Table.from_pylist([], schema=store.chunks().schema) if rows is None else rows
         store.replace_chunks(empty, replace)
-    report.chunks.written += len(new_ids)
-    report.chunks.deleted += len(old_ids - new_ids)
+    crash_point("after-chunk-commit")
+    counts.chunks.written += len(new_ids)
+    counts.chunks.deleted += len(old_ids - new_ids)
 
     per_doc: dict[str, int] = {}
     if rows is not None:
         for doc_id in rows.column("doc_id").to_pylist():
             per_doc[doc_id] = per_doc.get(doc_id, 0) + 1
-    need_old = [o.doc_id for o in outcomes if o.status in ("touch", "failed")]
-    old = _old_rows(store, need_old)
+    need_old = [keys[o.doc_id] for o in outcomes if o.status in ("touch", "failed")]
+    old = store.document_rows(need_old)
     manifest: list[dict[str, Any]] = []
     for o in outcomes:
-        prev = old.get(o.doc_id, {})
+        prev = old.get(keys[o.doc_id], {})
         row: dict[str, Any] = {
+            "doc_key": keys[o.doc_id],
             "doc_id": o.doc_id,
-            "source": o.source,
+            "source_uri": source_uri,
+            "path": o.source,
             "content_hash": o.content_hash,
             "size": o.size,
             "mtime": o.mtime,
@@ -90,6 +80,7 @@ def write_batch(
                 row["content_hash"] = prev.get("content_hash")
             if o.partial:
                 row.update(chunk_count=per_doc.get(o.doc_id, 0), title=o.title)
-        report.count_outcome(o.doc_id, o.state, o.status, o.error)
+        counts.count_outcome(o.doc_id, o.state, o.status, o.error)
         manifest.append(row)
     store.upsert_documents(manifest)
+    return counts

@@ -94,3 +94,72 @@ def scifact_slice(n: int) -> list[dict[str, str]]:
             if len(rows) >= n:
                 break
     return rows
+
+
+@pytest.fixture(scope="session")
+def cli_env(prefect_harness) -> dict[str, str]:
+    """Environment for `lanceflow` subprocesses: they talk to the harness's Prefect server
+    instead of each starting a temporary one."""
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        PREFECT_SERVER_EPHEMERAL_ENABLED="false",
+    )
+
+
+def run_cli(env: dict[str, str], *args: str, check: bool = True, **kw):
+    """`python -m flows.cli ARGS` in a subprocess; AssertionError on a non-zero exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+        **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def table_snapshot(db: str) -> dict:
+    """The live generation's rows, for comparing a table with a clean build: chunk id ->
+    (document, source, text, vector bytes), and the manifest."""
+    from tasks.store import Store
+
+    store = Store(db)
+    data = (
+        store.chunks_table()
+        .search()
+        .select(["chunk_id", "doc_id", "source_uri", "text", "vector"])
+        .limit(None)
+        .to_arrow()
+    )
+    ids = data.column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate chunk ids"
+    vecs = data.column("vector").to_pylist()
+    chunks = {
+        cid: (doc, src, text, np.asarray(vec, dtype=np.float32).tobytes())
+        for cid, doc, src, text, vec in zip(
+            ids,
+            data.column("doc_id").to_pylist(),
+            data.column("source_uri").to_pylist(),
+            data.column("text").to_pylist(),
+            vecs,
+            strict=True,
+        )
+    }
+    docs = store.documents().search().limit(None).to_arrow().to_pylist()
+    manifest = {
+        (r["source_uri"], r["doc_id"]): (r["content_hash"], r["chunk_count"], r["status"])
+        for r in docs
+    }
+    fp = store.generation.fingerprint if store.generation else None
+    return {"chunks": chunks, "manifest": manifest, "fingerprint": fp}

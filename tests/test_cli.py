@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: each command starts Prefect's temporary server."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
@@ -50,7 +51,8 @@ def test_ingest_json_report_and_search_json(corpus, tmp_path):
         _cli("search", "paid vacation days", "--table", db, "--json", "-k", "2").stdout
     )
     assert hits[0]["doc_id"] == "reports/vacation-policy.html"
-    assert set(hits[0]) == {"doc_id", "chunk_id", "text", "score"}
+    assert set(hits[0]) == {"doc_id", "chunk_id", "text", "score", "source", "generation"}
+    assert hits[0]["source"] == str(corpus.resolve()) and hits[0]["generation"] == 1
 
 
 def test_exit_codes(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flows.ingest import ingest
-from tasks.errors import ModelMismatchError, TooManyFailuresError
+from tasks.errors import IndexDriftError, TooManyFailuresError
 from tasks.settings import IngestParams
 from tasks.store import CHUNKS, DOCUMENTS, RUNS, Store
 
@@ -161,8 +161,10 @@ def test_run_fails_when_most_documents_fail(tmp_path):
 
 def test_another_model_is_refused_before_any_work(corpus, tmp_path):
     ingest(_params(corpus, tmp_path / "db"))
-    with pytest.raises(ModelMismatchError, match="all-MiniLM-L6-v2"):
-        ingest(_params(corpus, tmp_path / "db", embedder={"model": str(tmp_path / "other")}))
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(IndexDriftError, match="all-MiniLM-L6-v2"):
+        ingest(_params(corpus, tmp_path / "db", embedder={"kind": "hash"}))
 
 
 def test_records_file_ingests_as_documents(tmp_path):

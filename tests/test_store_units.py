@@ -10,7 +10,6 @@ from tasks.documents import DocOutcome
 from tasks.embedding import embed_outcomes
 from tasks.errors import ModelMismatchError
 from tasks.parsing import ParsedDocument
-from tasks.report import IngestReport
 from tasks.store import CHUNKS, Store, TableModel
 from tasks.writing import write_batch
 
@@ -30,6 +29,8 @@ def _outcome(doc_id: str, text: str, chunker: Chunker, state: str = "new") -> Do
     return o
 
 
+SRC = "/corpus"
+
 TEXT = (
     "Lance is a columnar format for machine learning data. It stores vectors next to the rows. "
     "Prefect runs the flows that keep the index fresh every night. "
@@ -40,15 +41,15 @@ def test_identical_chunks_are_embedded_once(tmp_path, fake_embedder, chunker):
     store = Store(str(tmp_path / "db"))
     a = _outcome("a.md", TEXT, chunker)
     b = _outcome("copy-of-a.md", TEXT, chunker)  # a duplicate file
-    batch = embed_outcomes([a, b], fake_embedder, store, "local")
+    batch = embed_outcomes([a, b], fake_embedder, store, "local", SRC)
     n = len(a.chunks)
     assert batch.embedded == n and batch.cached == n
     assert len(fake_embedder.texts) == n and fake_embedder.batches == 1
     store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
-    write_batch(store, [a, b], batch.rows, IngestReport())
+    write_batch(store, [a, b], batch.rows, SRC)
     # a renamed file later: every vector comes from the table
     c = _outcome("renamed.md", TEXT, chunker)
-    again = embed_outcomes([c], fake_embedder, store, "local")
+    again = embed_outcomes([c], fake_embedder, store, "local", SRC)
     assert again.embedded == 0 and again.cached == n
     assert fake_embedder.batches == 1
 
@@ -58,12 +59,11 @@ def test_replacing_a_document_drops_its_old_chunks_only(tmp_path, fake_embedder,
     store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
     a = _outcome("a.md", TEXT * 3, chunker)
     b = _outcome("b.md", "Another document about coffee machines and descaling them.", chunker)
-    report = IngestReport()
-    write_batch(store, [a, b], embed_outcomes([a, b], fake_embedder, store, "local").rows, report)
+    write_batch(store, [a, b], embed_outcomes([a, b], fake_embedder, store, "local", SRC).rows, SRC)
     before = store.table(CHUNKS).count_rows()
     a2 = _outcome("a.md", TEXT, chunker, state="changed")
-    report2 = IngestReport()
-    write_batch(store, [a2], embed_outcomes([a2], fake_embedder, store, "local").rows, report2)
+    rows2 = embed_outcomes([a2], fake_embedder, store, "local", SRC).rows
+    report2 = write_batch(store, [a2], rows2, SRC)
     tbl = store.table(CHUNKS)
     assert tbl.count_rows("doc_id = 'a.md'") == len(a2.chunks)
     assert tbl.count_rows("doc_id = 'b.md'") == len(b.chunks)
@@ -72,11 +72,50 @@ def test_replacing_a_document_drops_its_old_chunks_only(tmp_path, fake_embedder,
     assert report2.chunks.deleted == len(a.chunks) - len(a2.chunks)
 
 
-def test_another_model_is_refused(tmp_path):
+def test_another_dimension_is_refused(tmp_path):
     store = Store(str(tmp_path / "db"))
     store.chunks(TableModel("model-a", 16, "local"))
-    store.check_model("model-a", "local", 16)
-    with pytest.raises(ModelMismatchError, match="model-a"):
-        store.check_model("model-b", "local")
+    store.check_dimension("model-a", 16)
     with pytest.raises(ModelMismatchError, match="16-dimensional"):
-        store.check_model("model-a", "local", 32)
+        store.check_dimension("model-a", 32)
+
+
+def test_a_retried_embedding_reuses_the_vectors_it_already_computed(
+    tmp_path, fake_embedder, chunker
+):
+    """A batch whose model call fails part-way keeps the sub-batches that finished: the retry
+    sends only the rest (the memo), and nothing is embedded twice."""
+    import tasks.embedding as embedding
+
+    store = Store(str(tmp_path / "db"))
+    docs = [
+        _outcome(f"d{i}.md", f"Document number {i} talks about topic {i * 7} at length.", chunker)
+        for i in range(10)
+    ]
+
+    class Flaky:
+        model_id = "fake"
+        dimension = 16
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def embed(self, texts):
+            self.calls += 1
+            if self.calls == 3:
+                raise ConnectionError("the connection dropped")
+            return fake_embedder.embed(texts)
+
+    flaky = Flaky()
+    memo: dict = {}
+    old = embedding.SUB_BATCH
+    embedding.SUB_BATCH = 3
+    try:
+        with pytest.raises(ConnectionError):
+            embed_outcomes(docs, flaky, store, "local", SRC, memo=memo)
+        assert len(memo) == 6  # two sub-batches of three finished before the failure
+        batch = embed_outcomes(docs, flaky, store, "local", SRC, memo=memo)
+    finally:
+        embedding.SUB_BATCH = old
+    assert batch.embedded == 10
+    assert len(fake_embedder.texts) == 10 == len(set(fake_embedder.texts))

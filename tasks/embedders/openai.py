@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ DEFAULT_PRICES = {
     "text-embedding-3-large": 0.13,
     "text-embedding-ada-002": 0.10,
 }
+
+
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+
+
+def normalized_endpoint(base_url: str | None) -> str:
+    """The endpoint as recorded in an index fingerprint (no trailing slash, lower-case host)."""
+    url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_ENDPOINT).strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.rstrip("/")
+    host, slash, path = rest.partition("/")
+    host = host.rsplit("@", 1)[-1]  # never record credentials put in a URL
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}".rstrip("/")
 
 
 def redact(text: str, secret: str | None) -> str:

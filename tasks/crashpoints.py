@@ -1,0 +1,33 @@
+"""Named crash points, for the tests that prove a run converges after a crash at each one.
+
+`LANCEFLOW_CRASH_AT=NAME` (or `NAME:N` for its N-th passage) makes the process kill itself
+with SIGKILL when it reaches that point: no cleanup, no `finally`, exactly like a power cut or
+the OOM killer. Unset (always, outside those tests), a crash point costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = (
+    "after-chunk-commit",  # a batch's chunks are committed, its manifest rows are not
+    "during-deletions",  # a deleted document's chunks are gone, its manifest row is not
+    "during-index-refresh",  # one full-text index is built, the other is not
+    "before-switch",  # a reindexed generation is complete and indexed, not yet live
+    "after-switch",  # the new generation is live, the old one not yet dropped
+)
+
+_passed: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    wanted = os.environ.get("LANCEFLOW_CRASH_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _passed[name] = _passed.get(name, 0) + 1
+    if _passed[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -7,6 +7,12 @@ OpenAI-compatible server of tests/fake_openai.py enforcing a TPM and an RPM wind
 minute of traffic takes 60/S seconds; the client is configured with the per-minute equivalent.
 Prints JSON: sustained tokens/min as a share of the limit, the share of requests answered 429,
 texts lost or wrong, and texts the server embedded (and billed) more than once.
+
+`unknown_limits` is the case where nobody told the client the limits: the server allows
+60,000 TPM and 300 RPM in a 60 s window (`--unknown-window` to shorten it), the client keeps
+its defaults (3,000 RPM, 1M TPM) and learns the real limits only from the x-ratelimit-*
+headers, with 8 % injected faults (500s, dropped connections, malformed bodies), embedding
+1,500 chunk-sized texts (about 200 tokens each, as an ingest sends them).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from tasks.embedders.openai import OpenAIEmbedder  # noqa: E402
 from tasks.tokens import count_tokens  # noqa: E402
-from tests.fake_openai import FakeOpenAI, fake_vector  # noqa: E402
+from tests.fake_openai import FakeOpenAI, Faults, fake_vector  # noqa: E402
 
 KEY = "sk-bench"
 DIM = 64
@@ -44,6 +50,56 @@ def corpus_texts(tokens_needed: int) -> list[str]:
                 if total >= tokens_needed:
                     break
     return texts
+
+
+def chunk_texts(n: int) -> list[str]:
+    """n chunk-sized texts (about 200 tokens) from SciFact, or generated when it is absent."""
+    path = REPO.parent / "shared" / "datasets" / "scifact" / "corpus.jsonl"
+    texts: list[str] = []
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                texts.append(f"[{len(texts)}] {row['title']}\n{row['text']}"[:850])
+                if len(texts) >= n:
+                    break
+    while len(texts) < n:
+        i = len(texts)
+        texts.append(f"[{i}] " + " ".join(f"term{(i * 31 + j) % 997}" for j in range(110)))
+    return texts
+
+
+def run_unknown_limits(window_s: float, chunks: int) -> dict:
+    """The client is not told the limits and faults are on (see the module docstring)."""
+    tpm, rpm = 60_000, 300
+    faults = Faults(error_500=0.03, drop=0.03, malformed=0.02, seed=8)
+    server = FakeOpenAI(api_key=KEY, dim=DIM, tpm=tpm, rpm=rpm, window_s=window_s, faults=faults)
+    url = server.start()
+    texts = chunk_texts(chunks)
+    try:
+        emb = OpenAIEmbedder(
+            "text-embedding-3-small",
+            KEY,
+            base_url=url,
+            dimensions=DIM,
+            max_concurrency=8,
+            window_s=window_s,
+            timeout_s=10.0,
+        )
+        started = time.monotonic()
+        t = time.perf_counter()
+        vectors = emb.embed(texts)
+        seconds = time.perf_counter() - t
+        limit_per_min = tpm * 60.0 / window_s
+        out = summarize(server, texts, vectors, seconds, limit_per_min, started)
+        out["tokens_accepted_share_of_limit"] = round(
+            server.stats.tokens_ok / (seconds / 60.0) / limit_per_min, 4
+        )
+        out["responses_by_status"] = {str(k): v for k, v in sorted(server.stats.status.items())}
+        out["learned_limits"] = {"tpm": emb.budget.tpm, "rpm": emb.budget.rpm}
+        return out
+    finally:
+        server.stop()
 
 
 def summarize(
@@ -147,7 +203,14 @@ def main() -> None:
     ap.add_argument("--rpm", type=int, default=3_000)
     ap.add_argument("--seconds", type=float, default=60.0, help="target length of each run")
     ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--unknown-window", type=float, default=60.0)
+    ap.add_argument("--unknown-chunks", type=int, default=1500)
+    ap.add_argument("--only-unknown", action="store_true", help="run only the unknown-limits case")
     args = ap.parse_args()
+    unknown = run_unknown_limits(args.unknown_window, args.unknown_chunks)
+    if args.only_unknown:
+        print(json.dumps({"unknown_limits": unknown}, indent=2))
+        return
     texts = corpus_texts(int(args.tpm * args.seconds / 60.0 * 1.0))
     result = {
         "limit_tpm": args.tpm,
@@ -156,6 +219,7 @@ def main() -> None:
         "tokens": sum(count_tokens(texts, "text-embedding-3-small")),
         "lanceflow": run_ours(texts, args.tpm, args.rpm, args.scale),
         "naive": run_naive(texts, args.tpm, args.rpm, args.scale),
+        "unknown_limits": unknown,
     }
     print(json.dumps(result, indent=2))
 

@@ -138,6 +138,12 @@ def _evaluate_parser(sub: Any) -> None:
         help="fail when nDCG@10 falls by more than this versus the last run",
     )
     p.add_argument("--no-gate", action="store_true", help="never fail on quality")
+    p.add_argument(
+        "--accept",
+        action="store_true",
+        help="after reviewing a change in quality, pin this run as the baseline that later "
+        "runs are compared with (it does not fail)",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -379,6 +385,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "store": {"uri": args.table},
                 "modes": args.modes,
                 "ks": args.ks,
+                "accept": args.accept,
                 "gate": {
                     "min_ndcg_at_10": None if args.no_gate else args.min_ndcg,
                     "max_drop": None if args.no_gate else args.max_drop,
@@ -412,7 +419,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             if k in ("ndcg@10", "recall@10", "recall@100", "mrr@10", "map@10")
         )
         print(f"  {mode:<7} {shown}")
-    print("gate: " + ("passed" if summary["gate"]["passed"] else "FAILED"))
+    gate = summary["gate"]
+    print(
+        "gate: "
+        + ("passed" if gate["passed"] else "FAILED")
+        + (" (accepted as the new baseline)" if gate.get("accepted") else "")
+    )
     return code
 
 

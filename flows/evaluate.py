@@ -8,7 +8,15 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from tasks.errors import LanceflowError
-from tasks.eval_steps import check_gate, load_queries, publish_results, record_history, score_table
+from tasks.eval_steps import (
+    check_gate,
+    load_history,
+    load_queries,
+    publish_results,
+    record_history,
+    score_table,
+)
+from tasks.scoring import baseline_results
 from tasks.settings import EvaluateParams
 from tasks.store import Store
 
@@ -29,11 +37,21 @@ def evaluate(params: EvaluateParams) -> dict[str, Any]:
     query_set = load_queries(params)
     ev = score_table(params, store, query_set)
     ctx: Any = get_run_context()
-    previous, history = record_history(store, ev, str(ctx.flow_run.id))
-    problems = check_gate(params, ev, previous)
-    publish_results(params, ev, query_set, previous, history, problems)
+    baseline = baseline_results(load_history(store, ev))
+    problems = check_gate(params, ev, baseline)
+    history = record_history(params, store, ev, not problems, str(ctx.flow_run.id))
+    publish_results(params, ev, query_set, baseline, history, problems)
     summary = ev.summary()
-    summary["gate"] = {"passed": not problems, "problems": problems}
+    summary["gate"] = {"passed": not problems, "problems": problems, "accepted": params.accept}
+    summary["baseline"] = {
+        mode: {
+            "ndcg@10": row.get("ndcg_at_10"),
+            "generation": row.get("generation"),
+            "table_version": row.get("table_version"),
+            "accepted": bool(row.get("accepted")),
+        }
+        for mode, row in baseline.items()
+    }
     for mode, values in summary["results"].items():
         logger.info(
             "%s: ndcg@10 %.4f recall@100 %.4f",
@@ -41,6 +59,8 @@ def evaluate(params: EvaluateParams) -> dict[str, Any]:
             values["ndcg@10"],
             values.get("recall@100", float("nan")),
         )
-    if problems:
+    if problems and params.accept:
+        logger.warning("accepted as the new baseline despite: %s", "; ".join(problems))
+    elif problems:
         raise QualityGateError("quality gate failed: " + "; ".join(problems), summary)
     return summary

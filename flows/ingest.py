@@ -24,6 +24,7 @@ from tasks.steps import (
     read_documents,
     refresh_indexes,
     report_run,
+    stream_documents,
     switch_generation,
     write_chunks,
 )
@@ -59,6 +60,7 @@ def ingest(params: IngestParams) -> IngestReport:
                 chunk_documents(run, outcomes)
                 batch = embed_chunks(run, outcomes)
                 write_chunks(run, outcomes, batch)
+                stream_documents(run, outcomes)
                 done += len(items)
                 bar.update(len(items))
                 update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)

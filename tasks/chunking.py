@@ -36,12 +36,17 @@ class ChunkSpan:
     page_end: int | None = None
 
 
-def heading_outline(text: str) -> tuple[list[int], list[str]]:
-    """Start offsets of the Markdown headings and the heading path in force at each."""
+def heading_outline(
+    text: str, stack: list[tuple[int, str]] | None = None
+) -> tuple[list[int], list[str]]:
+    """Start offsets of the Markdown headings and the heading path in force at each.
+
+    `stack` carries the open headings from an earlier segment of the same document in, and
+    this segment's out (it is updated in place)."""
     fences = [m.start() for m in _FENCE.finditer(text)]
     offsets: list[int] = []
     paths: list[str] = []
-    stack: list[tuple[int, str]] = []
+    stack = [] if stack is None else stack
     for m in _HEADING.finditer(text):
         # inside a fenced code block when an odd number of fences precede it
         if bisect_right(fences, m.start()) % 2 == 1:
@@ -103,19 +108,32 @@ class Chunker:
         else:
             raise ConfigurationError("a chunker needs a tokenizer")
 
-    def split(self, doc: ParsedDocument) -> list[ChunkSpan]:
+    def split(
+        self,
+        doc: ParsedDocument,
+        first_index: int = 0,
+        char_base: int = 0,
+        headings: list[tuple[int, str]] | None = None,
+    ) -> list[ChunkSpan]:
+        """Chunks of a document, or of one segment of a long one: `first_index` and
+        `char_base` place the segment in its document, `headings` carries the open Markdown
+        headings from segment to segment."""
         if self.whole:
             text = doc.text.strip()
             start = doc.text.find(text[:1]) if text else 0
             return [ChunkSpan(doc.doc_id, 0, text, start, start + len(text))] if text else []
         splitter = self._markdown if doc.markdown else self._text
-        offsets, paths = heading_outline(doc.text) if doc.markdown else ([], [])
+        inherited = " > ".join(t for _, t in headings) if headings else ""
+        offsets, paths = heading_outline(doc.text, headings) if doc.markdown else ([], [])
         spans: list[ChunkSpan] = []
         for start, piece in splitter.chunk_indices(doc.text):
             if not piece.strip():
                 continue
             end = start + len(piece)
-            span = ChunkSpan(doc.doc_id, len(spans), piece, start, end)
+            span = ChunkSpan(
+                doc.doc_id, first_index + len(spans), piece, char_base + start, char_base + end
+            )
+            span.heading = inherited
             if offsets:
                 i = bisect_right(offsets, start) - 1
                 if i >= 0:

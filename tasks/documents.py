@@ -12,6 +12,7 @@ from tasks.errors import DocumentError, ReadError
 from tasks.identity import content_hash
 from tasks.parsing import ParsedDocument, parse_document, record_document
 from tasks.sources import Source
+from tasks.streaming import streamable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class DocOutcome:
     size: int
     mtime: float
     content_hash: str | None = None
-    status: str = "ok"  # 'ok' | 'failed' | 'touch' (content unchanged; manifest refresh only)
+    #: 'ok' | 'failed' | 'touch' (content unchanged; manifest refresh only) | 'stream' (a long
+    #: document, processed a segment at a time after the batch: tasks.streaming)
+    status: str = "ok"
     error: str | None = None
     #: a failed read leaves the last good chunks in place (the content is unknown, not gone)
     keep_chunks: bool = False
@@ -34,6 +37,12 @@ class DocOutcome:
     partial: bool = False
     parsed: ParsedDocument | None = None
     chunks: list[ChunkSpan] = field(default_factory=list)
+    #: where fsspec reads the file (long documents are streamed from it later)
+    path: str = ""
+    #: the manifest's hash before this run (a 'check' compares with it)
+    old_hash: str | None = None
+    #: chunks written for a streamed document (its chunks are not held at once)
+    chunk_total: int | None = None
 
     @property
     def title(self) -> str:
@@ -53,6 +62,8 @@ def read_and_parse(
             item["size"] or 0,
             item["mtime"] or 0.0,
             content_hash=item.get("content_hash"),
+            path=item.get("path") or "",
+            old_hash=item.get("old_hash"),
         )
         try:
             if item["kind"] == "error":
@@ -62,6 +73,14 @@ def read_and_parse(
                     o.status = "touch"
                 else:
                     o.parsed = record_document(o.doc_id, item["title"] or "", item["text"] or "")
+            elif (item["size"] or 0) > max_bytes:
+                # refused from the listed size, before reading a byte
+                raise ReadError(
+                    f"{(item['size'] or 0) / 2**20:.1f} MB, larger than max_file_mb "
+                    f"({max_bytes / 2**20:g} MB): raise the limit or split the file"
+                )
+            elif streamable(item["source"], item["size"] or 0):
+                o.status = "stream"  # read, chunked, embedded and written a segment at a time
             else:
                 data = source.read_bytes(item["path"], max_bytes)
                 o.size = len(data)

@@ -108,6 +108,7 @@ def embed_outcomes(
         "text": [c.text for _, c in spans],
         "text_cjk": [cjk_text(c.text) for _, c in spans],
         "text_hash": hashes,
+        "doc_version": [o.content_hash for o, _ in spans],
         "vector": vectors_to_arrow(matrix),
         "title": [o.title for o, _ in spans],
         "heading": [c.heading for _, c in spans],

@@ -41,8 +41,8 @@ def changes_markdown(
             f"\n**{ev.unknown_documents} judged document ids are not in the table** and "
             f"{ev.unknown_queries} qrels rows name unknown queries."
         )
-    lines += ["", "## Change from the previous run", ""]
-    lines.append("| mode | ndcg@10 | previous | change | previous table version |")
+    lines += ["", "## Change from the baseline (the last passed or accepted run)", ""]
+    lines.append("| mode | ndcg@10 | baseline | change | baseline generation / version |")
     lines.append("| --- | --- | --- | --- | --- |")
     for mode, res in ev.results.items():
         now = res.metrics.get("ndcg@10", 0.0)
@@ -51,8 +51,10 @@ def changes_markdown(
             lines.append(f"| {mode} | {now:.4f} | - | first run | - |")
         else:
             p = float(prev["ndcg_at_10"])
+            gen = prev.get("generation") or 1
             lines.append(
-                f"| {mode} | {now:.4f} | {p:.4f} | {now - p:+.4f} | {prev['table_version']} |"
+                f"| {mode} | {now:.4f} | {p:.4f} | {now - p:+.4f} | "
+                f"{gen} / {prev['table_version']} |"
             )
     lines += ["", "## Gate", ""]
     lines += [f"- FAILED: {p}" for p in problems] or ["- passed"]

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.eval_report import changes_markdown, chart_markdown, history_chart_svg, metrics_table
 from tasks.evaluation import QuerySet, load_query_set
-from tasks.scoring import Evaluation, evaluate_table, gate_violations, previous_results
+from tasks.scoring import Evaluation, evaluate_table, gate_violations
 from tasks.settings import EvaluateParams
 from tasks.store import Store
 
@@ -40,20 +40,35 @@ def score_table(params: EvaluateParams, store: Store, query_set: QuerySet) -> Ev
     return evaluate_table(store, query_set, params.modes, params.ks)
 
 
+@task(name="load_history", cache_policy=NO_CACHE, persist_result=False)
+def load_history(store: Store, ev: Evaluation) -> list[dict[str, Any]]:
+    """Earlier evaluations of this dataset (by its identity), oldest first."""
+    return store.evaluation_history(ev.dataset_key)
+
+
 @task(name="record_history", cache_policy=NO_CACHE, persist_result=False)
 def record_history(
-    store: Store, ev: Evaluation, flow_run_id: str | None
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Append this run to the history; return the previous rows per mode and the history."""
-    previous = previous_results(store.evaluation_history(ev.dataset))
+    params: EvaluateParams, store: Store, ev: Evaluation, passed: bool, flow_run_id: str | None
+) -> list[dict[str, Any]]:
+    """Append this run, whether it passed and the gate it was judged by; return the history."""
     now = datetime.now(UTC)
     run_id = str(uuid.uuid4())
+    gate = json.dumps(
+        {
+            **params.gate.model_dump(),
+            "split": params.split,
+            "modes": list(params.modes),
+            "ks": list(params.ks),
+        }
+    )
     store.record_evaluations(
         [
             {
                 "run_id": run_id,
                 "flow_run_id": flow_run_id,
                 "dataset": ev.dataset,
+                "dataset_key": ev.dataset_key,
+                "location": ev.location,
                 "mode": mode,
                 "generation": ev.generation,
                 "table_version": ev.table_version,
@@ -61,12 +76,15 @@ def record_history(
                 "queries": ev.queries,
                 "ndcg_at_10": res.metrics.get("ndcg@10"),
                 "metrics": json.dumps(res.metrics),
+                "passed": passed,
+                "accepted": params.accept,
+                "gate": gate,
                 "evaluated_at": now,
             }
             for mode, res in ev.results.items()
         ]
     )
-    return previous, store.evaluation_history(ev.dataset)
+    return store.evaluation_history(ev.dataset_key)
 
 
 @task(name="publish_results", cache_policy=NO_CACHE, persist_result=False)
@@ -85,7 +103,7 @@ def publish_results(
     create_markdown_artifact(
         changes_markdown(ev, previous, query_set, params.worst_queries, problems),
         key=f"eval-{key}-changes",
-        description="change from the previous run and the worst queries",
+        description="change from the baseline (the last passed or accepted run), worst queries",
     )
     svg = history_chart_svg(history, ev.dataset)
     path: str | None = None

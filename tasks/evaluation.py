@@ -8,8 +8,10 @@ that `depth` distinct documents are ranked.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,19 @@ class QuerySet:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     unknown_queries: list[str] = field(default_factory=list)
+    #: where it was read from (an absolute path), part of its identity
+    location: str = ""
+
+    @property
+    def key(self) -> str:
+        """The dataset's identity: its location plus a hash of its judged queries and their
+        judgements. Editing the labels starts a new history (the numbers are not comparable)."""
+        content = json.dumps(
+            {"queries": self.judged, "qrels": self.qrels}, sort_keys=True, ensure_ascii=False
+        )
+        h = hashlib.sha256(self.location.encode("utf-8", "surrogatepass") + b"\x00")
+        h.update(content.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()[:24]
 
     @property
     def judged(self) -> dict[str, str]:
@@ -125,10 +140,14 @@ def load_query_set(location: str, split: str = "test") -> QuerySet:
     """A BEIR folder (queries.jsonl + qrels/SPLIT.tsv) or a JSONL/CSV file of queries."""
     path = Path(location).expanduser()
     if path.is_dir():
-        return _load_beir(path, split)
+        qs = _load_beir(path, split)
+        qs.location = f"{os.path.realpath(path)}#{split}"
+        return qs
     if not path.exists():
         raise ConfigurationError(f"query set {location!r} does not exist")
-    return _load_simple(path)
+    qs = _load_simple(path)
+    qs.location = os.path.realpath(path)
+    return qs
 
 
 def retrieve_documents(

@@ -67,6 +67,16 @@ def _clean(text: str) -> str:
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
 
+def clean_text(text: str) -> str:
+    """Normalised newlines and spaces, no control characters, at most one blank line."""
+    return _clean(text)
+
+
+def first_heading(text: str) -> str:
+    """A title for a text: its first Markdown heading, else its first line."""
+    return _first_heading(text)
+
+
 def _first_heading(text: str) -> str:
     for line in text.split("\n", 200)[:200]:
         m = re.match(r"#{1,6}\s+(.+)", line)

@@ -20,7 +20,7 @@ from tasks.plan import Plan, plan_changes
 from tasks.report import IngestReport
 from tasks.settings import IngestParams
 from tasks.sources import Source
-from tasks.store import CHUNKS, Store, report_json
+from tasks.store import CHUNKS, Store, TableModel, report_json
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,62 @@ def complete_generation(run: IngestRun, ok: bool) -> bool:
     return True
 
 
+def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
+    """One long document, a segment at a time; returns its counts (tasks.streaming)."""
+    from tasks.embedding import embed_outcomes
+    from tasks.identity import doc_key
+    from tasks.streaming import stream_document
+    from tasks.writing import write_batch
+
+    counts = IngestReport()
+    key = doc_key(run.source_uri, outcome.doc_id)
+    written = 0
+    first_failure: list[str] = []
+
+    def write_segment(o: Any) -> None:
+        nonlocal written
+        o.status = "ok"
+        batch = embed_outcomes(
+            [o],
+            run.embedder,
+            run.store,
+            run.params.embedder.kind,
+            run.source_uri,
+            cache_tables=run.cache_tables,
+            memo=run.memo,
+        )
+        if o.status == "failed" and not first_failure:
+            first_failure.append(o.error or "failed")  # a chunk the API rejected
+        if batch.rows is not None:
+            if not run.store.has_chunks():
+                dim = batch.rows.schema.field("vector").type.list_size
+                run.store.chunks(TableModel(run.fingerprint.model, dim, run.params.embedder.kind))
+            dim = batch.rows.schema.field("vector").type.list_size
+            run.store.check_dimension(run.fingerprint.model, dim)
+            run.store.upsert_chunks(batch.rows)
+            written += batch.rows.num_rows
+        counts.chunks.embedded += batch.embedded
+        counts.chunks.cached += batch.cached
+        run.memo.clear()
+
+    def finish_document(o: Any) -> None:
+        if o.status == "ok" and first_failure:
+            o.status, o.partial, o.error = "failed", True, first_failure[0]
+        if o.status == "ok" or o.partial:
+            counts.chunks.deleted += run.store.delete_other_versions(key, o.content_hash)
+            counts.chunks.written += written
+        elif o.status == "failed" and not o.keep_chunks and o.state != "new":
+            counts.chunks.deleted += run.store.delete_other_versions(key, "")  # unparseable now
+        o.chunks = []
+        doc_counts = write_batch(run.store, [o], None, run.source_uri, streamed_chunks=written)
+        counts.documents = doc_counts.documents
+        counts.failures = doc_counts.failures
+
+    max_bytes = int(run.params.source.max_file_mb * 2**20)
+    stream_document(outcome, run.source, run.chunker, max_bytes, write_segment, finish_document)
+    return counts
+
+
 def finish(run: IngestRun, flow_run_id: str | None = None) -> IngestReport:
     """Record the run in the runs table; raise when too many documents failed."""
     report = run.report
@@ -317,6 +373,12 @@ def dry_run(params: IngestParams) -> IngestReport:
             chunk_outcomes(outcomes, run.chunker)
             texts: dict[str, str] = {}
             for o in outcomes:
+                if o.status == "stream":
+                    from tasks.streaming import chunk_segments
+
+                    o.status = "ok"
+                    for spans, _title in chunk_segments(run.source, o.path, o.doc_id, run.chunker):
+                        o.chunks.extend(spans)  # a dry run holds them: it writes nothing
                 report.count_outcome(o.doc_id, o.state, o.status, o.error)
                 if o.status == "ok":
                     for c in o.chunks:

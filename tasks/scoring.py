@@ -28,6 +28,8 @@ class ModeResult:
 @dataclass
 class Evaluation:
     dataset: str
+    dataset_key: str
+    location: str
     generation: int
     table_version: int
     model: str
@@ -39,6 +41,7 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
+            "dataset_key": self.dataset_key,
             "generation": self.generation,
             "table_version": self.table_version,
             "model": self.model,
@@ -80,6 +83,8 @@ def evaluate_table(
         embedder = embedder_for_table(store)
     ev = Evaluation(
         dataset=query_set.name,
+        dataset_key=query_set.key,
+        location=query_set.location,
         generation=store.generation_number,
         table_version=store.version(),
         model=model.model_id,
@@ -98,12 +103,20 @@ def evaluate_table(
     return ev
 
 
-def previous_results(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The latest earlier row per mode."""
+def baseline_results(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per mode, the row a new run is compared with: the latest run that passed its gate or
+    that an operator accepted (`--accept`). A failed run never becomes the baseline, so a
+    regression keeps failing night after night until it is fixed or accepted."""
     last: dict[str, dict[str, Any]] = {}
-    for row in history:
-        last[row["mode"]] = row
+    for row in history:  # oldest first
+        if row.get("passed") or row.get("accepted"):
+            last[row["mode"]] = row
     return last
+
+
+def _when(row: dict[str, Any]) -> str:
+    at: Any = row.get("evaluated_at")
+    return at.strftime("%Y-%m-%d %H:%M UTC") if hasattr(at, "strftime") else str(at)
 
 
 def gate_violations(
@@ -125,9 +138,13 @@ def gate_violations(
         if max_drop is not None and prev is not None and prev.get("ndcg_at_10") is not None:
             drop = float(prev["ndcg_at_10"]) - value
             if drop > max_drop:
+                how = "accepted" if prev.get("accepted") else "passed"
                 problems.append(
-                    f"{mode} ndcg@10 fell from {prev['ndcg_at_10']:.4f} (table version "
-                    f"{prev['table_version']}) to {value:.4f} (table version "
-                    f"{ev.table_version}): a drop of {drop:.4f} > max_drop = {max_drop:.4f}"
+                    f"{mode} ndcg@10 fell from {prev['ndcg_at_10']:.4f} (the last {how} run, "
+                    f"{_when(prev)}, generation {prev.get('generation') or 1} table version "
+                    f"{prev['table_version']}) to {value:.4f} (generation {ev.generation} table "
+                    f"version {ev.table_version}): a drop of {drop:.4f} > max_drop = "
+                    f"{max_drop:.4f}. Fix the index, or after reviewing it pin this run as the "
+                    "new baseline with `lanceflow evaluate ... --accept`"
                 )
     return problems

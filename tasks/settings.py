@@ -246,8 +246,8 @@ class GateSettings(_Model):
         0.02,
         ge=0.0,
         le=1.0,
-        description="Fail when nDCG@10 drops by more than this versus the previous evaluation "
-        "of the same dataset and mode. Empty: no comparison gate.",
+        description="Fail when nDCG@10 drops by more than this versus the last evaluation of "
+        "the same dataset and mode that passed (or was accepted). Empty: no comparison gate.",
     )
 
 
@@ -266,3 +266,8 @@ class EvaluateParams(_Model):
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 100], min_length=1)
     gate: GateSettings = Field(default_factory=GateSettings)
     worst_queries: int = Field(10, ge=0, le=1000, description="Worst queries listed per mode.")
+    accept: bool = Field(
+        False,
+        description="Pin this run as the baseline later runs are compared with, after "
+        "reviewing a change in quality; the gate does not fail it.",
+    )

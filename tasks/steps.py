@@ -21,7 +21,14 @@ from tasks.errors import LanceflowError, ModelMismatchError
 from tasks.identity import doc_key
 from tasks.plan import RECORDS_MARKER, Plan
 from tasks.report import Failure, IngestReport
-from tasks.runs import IngestRun, complete_generation, finish, open_run, plan_run
+from tasks.runs import (
+    IngestRun,
+    complete_generation,
+    finish,
+    open_run,
+    plan_run,
+    stream_one,
+)
 from tasks.settings import IngestParams
 from tasks.store import TableModel, sql_in
 from tasks.writing import write_batch
@@ -117,6 +124,17 @@ def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatc
     counts = write_batch(run.store, outcomes, batch.rows, run.source_uri)
     run.report.merge(counts)  # only after both commits: a retry never counts twice
     run.memo.clear()  # every vector of the batch is in the table now
+
+
+@_io_task("stream_documents")
+def stream_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
+    """Long text documents of the batch, each read, chunked, embedded and written a segment at
+    a time (tasks.streaming): memory does not grow with a document's size."""
+    long_docs = [o for o in outcomes if o.status == "stream"]
+    for o in long_docs:
+        counts = stream_one(run, o)
+        run.report.merge(counts)  # once the document is complete: a retry never counts twice
+    return len(long_docs)
 
 
 @_io_task("mark_record_files")

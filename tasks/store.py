@@ -58,6 +58,8 @@ def chunks_schema(dimension: int, model_id: str, embedder: str) -> pa.Schema:
             # Korean/Chinese/Japanese words are not separated by spaces the way English are
             pa.field("text_cjk", pa.string(), nullable=False),
             pa.field("text_hash", pa.string(), nullable=False),
+            # the content hash of the document version the chunk belongs to
+            pa.field("doc_version", pa.string()),
             pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
             pa.field("title", pa.string()),
             pa.field("heading", pa.string()),
@@ -117,6 +119,9 @@ EVALUATIONS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("flow_run_id", pa.string()),
         pa.field("dataset", pa.string(), nullable=False),
+        # the dataset's identity: its location and a hash of its queries and judgements
+        pa.field("dataset_key", pa.string()),
+        pa.field("location", pa.string()),
         pa.field("mode", pa.string(), nullable=False),
         pa.field("generation", pa.int64()),
         pa.field("table_version", pa.int64()),
@@ -124,6 +129,9 @@ EVALUATIONS_SCHEMA = pa.schema(
         pa.field("queries", pa.int64()),
         pa.field("ndcg_at_10", pa.float64()),
         pa.field("metrics", pa.string()),  # JSON: every metric of the run
+        pa.field("passed", pa.bool_()),  # whether the run passed its gate
+        pa.field("accepted", pa.bool_()),  # pinned as the baseline by an operator (--accept)
+        pa.field("gate", pa.string()),  # JSON: the gate settings the run was judged with
         pa.field("evaluated_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -241,7 +249,9 @@ class Store:
         if name in self._tables:
             return self._tables[name]
         if name in self.names():
-            return self.table(name)
+            tbl = self.table(name)
+            _add_missing_columns(tbl, schema)
+            return tbl
         tbl = self.db.create_table(name, schema=schema, exist_ok=True)
         self._tables[name] = tbl
         return tbl
@@ -419,6 +429,31 @@ class Store:
         builder.execute(rows)
         self._index_keys_once(tbl)
 
+    def upsert_chunks(self, rows: pa.Table) -> None:
+        """Insert or update chunks on chunk_id (a long document's segment)."""
+        if rows.num_rows:
+            tbl = self.chunks()
+            (
+                tbl.merge_insert("chunk_id")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(rows)
+            )
+            self._index_keys_once(tbl)
+
+    def delete_other_versions(self, doc_key: str, version: str) -> int:
+        """Drop a document's chunks that belong to any version but `version`."""
+        if not self.has_chunks():
+            return 0
+        where = f"doc_key = {sql_str(doc_key)} AND (doc_version IS NULL OR doc_version != " + (
+            f"{sql_str(version)})"
+        )
+        tbl = self.table(self.chunks_name)
+        stale = int(tbl.count_rows(where))
+        if stale:
+            tbl.delete(where)
+        return stale
+
     def _index_keys_once(self, tbl: Any) -> None:
         """B-tree indexes on the lookup keys as soon as the table has rows, so the lookups of
         a large first run do not scan the whole table for every batch."""
@@ -435,21 +470,22 @@ class Store:
     # ---- runs --------------------------------------------------------------------------
 
     def record_run(self, row: dict[str, Any]) -> None:
-        self.runs().add(pa.Table.from_pylist([row], schema=RUNS_SCHEMA))
+        tbl = self.runs()
+        tbl.add(pa.Table.from_pylist([row], schema=RUNS_SCHEMA).select(tbl.schema.names))
 
     def record_evaluations(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             tbl = self._ensure(EVALUATIONS, EVALUATIONS_SCHEMA)
-            tbl.add(pa.Table.from_pylist(rows, schema=EVALUATIONS_SCHEMA))
+            tbl.add(pa.Table.from_pylist(rows, schema=EVALUATIONS_SCHEMA).select(tbl.schema.names))
 
-    def evaluation_history(self, dataset: str) -> list[dict[str, Any]]:
-        """Earlier evaluations of a dataset, oldest first."""
+    def evaluation_history(self, dataset_key: str) -> list[dict[str, Any]]:
+        """Earlier evaluations of a dataset (by its identity), oldest first."""
         if not self.has(EVALUATIONS):
             return []
+        tbl = self._ensure(EVALUATIONS, EVALUATIONS_SCHEMA)
         rows = (
-            self.table(EVALUATIONS)
-            .search()
-            .where(f"dataset = {sql_str(dataset)}")
+            tbl.search()
+            .where(f"dataset_key = {sql_str(dataset_key)}")
             .limit(None)
             .to_arrow()
             .to_pylist()
@@ -544,6 +580,30 @@ class Store:
             tbl.optimize(cleanup_older_than=cleanup_older_than)
             done.append(name)
         return done
+
+
+_SQL_TYPES = {
+    pa.int64(): "BIGINT",
+    pa.int32(): "INT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.string(): "STRING",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMP",
+}
+
+
+def _add_missing_columns(tbl: Any, schema: pa.Schema) -> None:
+    """A bookkeeping table written by an older lanceflow gets the columns added since, as
+    nulls for its old rows (the runs and evaluations history is kept, not rewritten)."""
+    have = set(tbl.schema.names)
+    missing = {
+        f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})"
+        for f in schema
+        if f.name not in have and f.type in _SQL_TYPES
+    }
+    if missing:
+        log.info("adding columns %s to %s", ", ".join(missing), tbl.name)
+        tbl.add_columns(missing)
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

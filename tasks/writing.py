@@ -24,11 +24,19 @@ def write_batch(
     outcomes: Sequence[DocOutcome],
     rows: pa.Table | None,
     source_uri: str,
+    *,
+    streamed_chunks: int | None = None,
 ) -> IngestReport:
     """Upsert the batch's chunks and manifest rows; returns what happened as a report to add
-    to the run's (only once both commits succeeded, so a retried write never counts twice)."""
+    to the run's (only once both commits succeeded, so a retried write never counts twice).
+
+    `streamed_chunks`: the outcomes are one long document whose chunks are already written
+    (tasks.streaming); only its manifest row is written, with that many chunks."""
     counts = IngestReport()
     keys = {o.doc_id: doc_key(source_uri, o.doc_id) for o in outcomes}
+    if streamed_chunks is not None:
+        _write_manifest(store, outcomes, keys, source_uri, counts, {}, streamed_chunks)
+        return counts
     replace = [
         keys[o.doc_id]
         for o in outcomes
@@ -49,6 +57,21 @@ def write_batch(
     if rows is not None:
         for doc_id in rows.column("doc_id").to_pylist():
             per_doc[doc_id] = per_doc.get(doc_id, 0) + 1
+    _write_manifest(store, outcomes, keys, source_uri, counts, per_doc, None)
+    return counts
+
+
+def _write_manifest(
+    store: Store,
+    outcomes: Sequence[DocOutcome],
+    keys: dict[str, str],
+    source_uri: str,
+    counts: IngestReport,
+    per_doc: dict[str, int],
+    streamed_chunks: int | None,
+) -> None:
+    # a long document's row is written once all its segments are (tasks.streaming)
+    outcomes = [o for o in outcomes if o.status != "stream"]
     need_old = [keys[o.doc_id] for o in outcomes if o.status in ("touch", "failed")]
     old = store.document_rows(need_old)
     manifest: list[dict[str, Any]] = []
@@ -62,7 +85,7 @@ def write_batch(
             "content_hash": o.content_hash,
             "size": o.size,
             "mtime": o.mtime,
-            "chunk_count": len(o.chunks),
+            "chunk_count": len(o.chunks) if streamed_chunks is None else streamed_chunks,
             "status": "ok",
             "error": None,
             "title": o.title,
@@ -79,8 +102,8 @@ def write_batch(
             if o.keep_chunks:
                 row["content_hash"] = prev.get("content_hash")
             if o.partial:
-                row.update(chunk_count=per_doc.get(o.doc_id, 0), title=o.title)
+                count = per_doc.get(o.doc_id, 0) if streamed_chunks is None else streamed_chunks
+                row.update(chunk_count=count, title=o.title)
         counts.count_outcome(o.doc_id, o.state, o.status, o.error)
         manifest.append(row)
     store.upsert_documents(manifest)
-    return counts

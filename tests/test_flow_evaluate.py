@@ -78,10 +78,27 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     (corpus / "reports" / "vacation-policy.html").unlink()
     (corpus / "guides" / "troubleshooting.md").unlink()
     ingest(IngestParams.model_validate({"source": {"uri": str(corpus)}, "store": {"uri": str(db)}}))
-    with pytest.raises(QualityGateError, match=r"fell from .* \(table version \d+\) to") as info:
+    with pytest.raises(QualityGateError, match=r"fell from .* \(the last passed run") as info:
         evaluate(params)
     assert info.value.summary["unknown_documents"] == 2
     assert store.table(EVALUATIONS).count_rows() == 9
+    # the next night the table is still bad: the failed run is not the baseline, so it fails
+    # again against the last run that passed
+    with pytest.raises(QualityGateError, match="--accept") as again:
+        evaluate(params)
+    assert again.value.summary["baseline"]["vector"]["ndcg@10"] == summary["results"]["vector"][
+        "ndcg@10"
+    ]
+    rows = store.table(EVALUATIONS).search().limit(None).to_arrow().to_pylist()
+    assert [r["passed"] for r in rows].count(False) == 9  # 3 strict + 2 x 3 dropped
+    # the operator reviews the change and accepts it: that run is the new baseline
+    accepted = evaluate(EvaluateParams.model_validate({**params.model_dump(), "accept": True}))
+    assert accepted["gate"]["accepted"] and not accepted["gate"]["passed"]
+    assert evaluate(params)["gate"]["passed"]
+    # history is keyed by the dataset's identity: the same file with other labels starts anew
+    _write_queries(qfile, QUERIES[:3])
+    fresh = evaluate(params)
+    assert fresh["baseline"] == {} and fresh["dataset_key"] != summary["dataset_key"]
 
 
 def test_bad_query_files_name_the_line(tmp_path):
@@ -120,7 +137,9 @@ def test_empty_table_and_missing_model_are_clear(tmp_path):
 
     row = {
         "chunk_id": "c",
+        "doc_key": "k",
         "doc_id": "d",
+        "source_uri": "/src",
         "chunk_index": 0,
         "text": "t",
         "text_cjk": "",

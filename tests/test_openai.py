@@ -131,20 +131,43 @@ def test_quota_exhausted_stops_at_once(server):
     assert srv.stats.requests == 1
 
 
-def test_rate_limits_hold_with_few_429s(server):
-    # the account allows 6,000 tokens and 300 requests a minute; the client was told far more
-    # and learns the real limits from the x-ratelimit-* headers
-    srv, url = server(rpm=300, tpm=6_000)
-    emb = _embedder(
-        url, rpm=100_000, tpm=100_000_000, max_concurrency=4, timeout_s=5.0, max_wait_s=30.0
-    )
-    texts = [f"text {i}: " + " ".join(f"w{i}x{j}" for j in range(12)) for i in range(80)]
-    emb.request_tokens = 300
+def test_rate_limits_learned_from_headers_hold_under_a_load_past_them(server):
+    """The server allows 3,000 tokens and 40 requests per 2-second window; the client is not
+    told (it keeps its defaults of 1M TPM / 3,000 RPM) and must learn them from the headers.
+    The work needs several windows, so the limits really bind."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI, RateLimitError
+
+    texts = [f"text {i}: " + " ".join(f"w{i}x{j}" for j in range(40)) for i in range(120)]
+    # the control: the same load sent without a budget draws 429s from this server
+    ctrl, ctrl_url = server(rpm=40, tpm=3_000, window_s=2.0)
+    client = OpenAI(api_key=KEY, base_url=ctrl_url, max_retries=0)
+
+    def naive(i: int) -> None:
+        try:
+            client.embeddings.create(model="text-embedding-3-small", input=texts[i : i + 10])
+        except RateLimitError:
+            pass
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(naive, range(0, len(texts), 10)))
+    assert ctrl.stats.status[429] > 0
+
+    srv, url = server(rpm=40, tpm=3_000, window_s=2.0)
+    emb = _embedder(url, max_concurrency=6, timeout_s=5.0, max_wait_s=10.0, window_s=2.0)
     vecs = emb.embed(texts)
     for t, v in zip(texts, vecs, strict=True):
         np.testing.assert_allclose(v, fake_vector(t, 64), atol=1e-6)
-    assert emb.budget.tpm == 6_000 and emb.budget.rpm == 300  # adopted from the headers
-    assert srv.stats.status[429] <= 0.1 * srv.stats.requests
+    sent = sum(emb.count_tokens(texts))
+    assert sent > 3 * 3_000  # more than three windows' worth: the limit was reached
+    # the server's own counters: every input embedded (and billed) exactly once
+    assert srv.stats.inputs_ok == Counter(texts)
+    assert srv.stats.tokens_ok == sent
+    assert srv.stats.status[429] <= 0.02 * srv.stats.requests, srv.stats.status
+    # learned from the headers, per minute
+    assert emb.budget.tpm == 3_000 * 30 and emb.budget.rpm == 40 * 30
 
 
 def test_missing_key_is_refused_before_any_work(tmp_path, monkeypatch, corpus):

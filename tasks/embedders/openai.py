@@ -310,13 +310,19 @@ class OpenAIEmbedder:
             async for attempt in retrying:
                 with attempt:
                     await self.budget.acquire(n_tokens)
-                    if self.fleet_limit:
-                        await _fleet_acquire(self.fleet_limit, n_tokens)
-                    self.requests_sent += 1
-                    kwargs: dict[str, Any] = {"model": self.model_id, "input": inputs}
-                    if self.dimensions:
-                        kwargs["dimensions"] = self.dimensions
-                    raw = await self._client.embeddings.with_raw_response.create(**kwargs)
+                    try:
+                        if self.fleet_limit:
+                            await _fleet_acquire(self.fleet_limit, n_tokens)
+                        self.requests_sent += 1
+                        kwargs: dict[str, Any] = {"model": self.model_id, "input": inputs}
+                        if self.dimensions:
+                            kwargs["dimensions"] = self.dimensions
+                        raw = await self._client.embeddings.with_raw_response.create(**kwargs)
+                    except openai.APIStatusError as exc:
+                        self.budget.learn(exc.response.headers, success=False)  # 429s tell too
+                        raise
+                    finally:
+                        self.budget.done()
                     self.budget.learn(raw.headers)
                     resp = raw.parse()
                     data = sorted(resp.data, key=lambda d: d.index)

@@ -1,9 +1,17 @@
-"""Client-side budgets for requests/min and tokens/min, learning from x-ratelimit-* headers.
+"""Client-side budgets for requests/min and tokens/min, learned from x-ratelimit-* headers.
 
-Two leaky buckets (aiolimiter) drain at a share (`headroom`) of each limit with a short burst
-allowance, so no 60-second window ever holds more than the limit. Response headers lower the
-budgets to what the server says the account has, and a 429 or an exhausted `remaining` pauses
-every request until the server's reset time.
+The budget keeps a log of what it sent in the last window (one entry per attempt: a request the
+server saw counts against its window whether or not the answer arrived) and lets a request go
+only when the window, with it, stays under a share (`headroom`) of each limit. For a server
+with a sliding window that is exact; for a token bucket it is conservative.
+
+Until the first response with rate-limit headers arrives, the limits are unknown (what the
+caller configured is only an upper bound): one request at a time, small. The headers then
+give the real limits (the lower of the two wins) and `remaining` (when it says more is used
+than this client's log shows, someone else shares the account: the difference is booked as
+used). A 429 or an exhausted `remaining` pauses every request until the server's reset.
+Requests are packed to at most `request_share` of the token limit, so that no single request
+can tip a full window over the limit at the moment an old one leaves it.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
-
-from aiolimiter import AsyncLimiter
 
 log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+#: seconds an entry stays in the log beyond the window: the server timestamps a request a
+#: little later than the client sends it
+_EXPIRY_MARGIN_S = 0.25
 
 
 def parse_reset(value: str | None) -> float | None:
@@ -40,62 +51,111 @@ def parse_reset(value: str | None) -> float | None:
 
 
 class RateBudget:
-    """Requests/min and tokens/min budgets shared by every request of one embedder."""
+    """Requests and tokens per window, shared by every request of one embedder."""
 
     def __init__(
         self,
         rpm: int,
         tpm: int,
-        headroom: float = 0.95,
-        burst_seconds: float = 2.0,
-        max_request_tokens: int = 0,
+        headroom: float = 0.97,
         window_s: float = 60.0,
+        request_share: float = 0.02,
+        learn_first: bool = True,
     ) -> None:
         self.headroom = headroom
         self.window_s = window_s
-        self.burst_seconds = burst_seconds
-        self.max_request_tokens = max_request_tokens
-        self._pause_until = 0.0
+        self.request_share = request_share
+        # per window (the configured values are per minute)
         self.rpm = rpm
         self.tpm = tpm
-        self._build()
+        #: False until a response carried rate-limit headers: one request at a time till then
+        self.learned = not learn_first
+        self._probe_busy = False
+        self._pause_until = 0.0
+        self._log: deque[tuple[float, int]] = deque()
+        self._used_tokens = 0
 
-    def _build(self) -> None:
-        # Any window of the server holds at most burst + rate * window. With the rate at
-        # `headroom` of the limit, the burst may use only the rest: (1 - headroom) of a
-        # window's allowance (5% of a minute's tokens by default), and at most burst_seconds.
-        per_window = self.window_s / 60.0
-        tok_rate = self.tpm * self.headroom / 60.0
-        tok_burst = min(tok_rate * self.burst_seconds, (1 - self.headroom) * self.tpm * per_window)
-        tok_burst = max(tok_burst, float(self.max_request_tokens or 0), 1.0)
-        self.token_capacity = tok_burst
-        self._tokens = AsyncLimiter(tok_burst, tok_burst / tok_rate)
-        req_rate = self.rpm * self.headroom / 60.0
-        req_burst = min(req_rate * self.burst_seconds, (1 - self.headroom) * self.rpm * per_window)
-        req_burst = max(1.0, req_burst)
-        self._requests = AsyncLimiter(req_burst, req_burst / req_rate)
+    # ---- limits per window ----------------------------------------------------------------
+
+    @property
+    def _req_limit(self) -> float:
+        return self.rpm * self.window_s / 60.0 * self.headroom
+
+    @property
+    def _tok_limit(self) -> float:
+        return self.tpm * self.window_s / 60.0 * self.headroom
+
+    @property
+    def token_capacity(self) -> float:
+        """The largest request worth packing: a small share of a window's tokens (and small
+        while the limits are still unknown)."""
+        share = self.tpm * self.window_s / 60.0 * self.request_share
+        return max(1.0, share if self.learned else min(share, 4096.0))
+
+    # ---- taking from the budget -----------------------------------------------------------
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window_s - _EXPIRY_MARGIN_S
+        while self._log and self._log[0][0] <= horizon:
+            self._used_tokens -= self._log.popleft()[1]
+
+    def _wait_for(self, now: float, tokens: int) -> float:
+        """Seconds until `tokens` more fit the window (0: now)."""
+        self._expire(now)
+        if not self._log:
+            return 0.0  # an empty window admits anything (a request larger than the budget)
+        fits_req = len(self._log) + 1 <= self._req_limit
+        fits_tok = self._used_tokens + tokens <= self._tok_limit
+        if fits_req and fits_tok:
+            return 0.0
+        # the time the oldest entries must leave for the request to fit
+        need_req = len(self._log) + 1 - self._req_limit
+        need_tok = self._used_tokens + tokens - self._tok_limit
+        freed_req = freed_tok = 0.0
+        for t, n in self._log:
+            freed_req += 1
+            freed_tok += n
+            if freed_req >= need_req and freed_tok >= need_tok:
+                return max(0.01, t + self.window_s + _EXPIRY_MARGIN_S - now)
+        return self.window_s
 
     async def acquire(self, tokens: int) -> None:
+        """Wait until a request of `tokens` fits, then book it."""
         while True:
-            wait = self._pause_until - time.monotonic()
+            now = time.monotonic()
+            if self._pause_until > now:
+                await asyncio.sleep(self._pause_until - now)
+                continue
+            if not self.learned and self._probe_busy:
+                await asyncio.sleep(0.02)  # the limits are unknown: one request at a time
+                continue
+            wait = self._wait_for(now, tokens)
             if wait <= 0:
-                break
-            await asyncio.sleep(wait)
-        await self._requests.acquire(1)
-        left = float(tokens)
-        while left > 0:  # a request larger than the burst waits for its whole size
-            part = min(left, self.token_capacity)
-            await self._tokens.acquire(part)
-            left -= part
+                self._log.append((now, tokens))
+                self._used_tokens += tokens
+                if not self.learned:
+                    self._probe_busy = True
+                return
+            await asyncio.sleep(min(wait, 1.0))
+
+    def done(self) -> None:
+        """A request's answer (or failure) arrived: the next probe may go."""
+        self._probe_busy = False
 
     def pause(self, seconds: float) -> None:
         """Hold every request for `seconds` (a 429's Retry-After, an exhausted window)."""
         self._pause_until = max(self._pause_until, time.monotonic() + max(0.0, seconds))
 
-    def learn(self, headers: Mapping[str, Any]) -> None:
-        """Adopt the server's limits when they are lower; pause when a window is spent."""
+    # ---- learning from the server ---------------------------------------------------------
+
+    def learn(self, headers: Mapping[str, Any], success: bool = True) -> None:
+        """Adopt the server's limits (when lower than configured) and its view of `remaining`.
+
+        `success`: the response was a 2xx. One without rate-limit headers then means the server
+        does not tell, and the configured limits are what there is; an error response without
+        them (a 500) teaches nothing."""
         h = {k.lower(): v for k, v in headers.items()}
-        changed = False
+        told = False
         for key, attr in (
             ("x-ratelimit-limit-requests", "rpm"),
             ("x-ratelimit-limit-tokens", "tpm"),
@@ -105,14 +165,24 @@ class RateBudget:
                 limit = int(float(h[key]) * 60.0 / self.window_s)
             except (KeyError, ValueError, TypeError):
                 continue
+            told = True
             if 0 < limit < getattr(self, attr):
-                log.info(
-                    "server limit %s=%d is below the configured budget; adopting it", attr, limit
-                )
+                log.info("the server's limit %s=%d is below the budget; adopting it", attr, limit)
                 setattr(self, attr, limit)
-                changed = True
-        if changed:
-            self._build()
+        if told or success:
+            self.learned = True
+        now = time.monotonic()
+        self._expire(now)
+        try:
+            remaining_tokens = int(float(h["x-ratelimit-remaining-tokens"]))
+            server_used = self.tpm * self.window_s / 60.0 - remaining_tokens
+            if server_used > self._used_tokens + 1:
+                # someone else spends from the same account: book their share too
+                extra = int(server_used - self._used_tokens)
+                self._log.append((now, extra))
+                self._used_tokens += extra
+        except (KeyError, ValueError, TypeError):
+            pass
         for kind in ("requests", "tokens"):
             try:
                 remaining = int(float(h[f"x-ratelimit-remaining-{kind}"]))

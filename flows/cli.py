@@ -30,8 +30,18 @@ def _ingest_parser(sub: Any) -> None:
         "(hashed word features: a deterministic aid for tests and benchmarks, not semantic)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model id or directory")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where a local model runs ('auto': CUDA, then MPS, then CPU)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnx", "onnx-int8"],
+        help="local model runtime ('auto': torch fp16 on a GPU, int8 ONNX on a CPU)",
+    )
     p.add_argument("--chunk-tokens", type=int, default=None, help="chunk size in model tokens")
     p.add_argument("--overlap", type=int, default=0, help="overlap in model tokens")
     p.add_argument(
@@ -42,9 +52,26 @@ def _ingest_parser(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="texts per model call")
     p.add_argument("--batch-docs", type=int, default=256, help="documents per write batch")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    p.add_argument("--max-file-mb", type=float, default=64.0)
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only paths matching this glob, relative to the source (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out paths matching this glob (repeatable)",
+    )
+    p.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=64.0,
+        help="refuse files above this size, from the listed size before reading (default 64)",
+    )
     p.add_argument(
         "--max-failed-fraction",
         type=float,
@@ -87,13 +114,18 @@ def _ingest_parser(sub: Any) -> None:
     api.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint")
     api.add_argument("--dimensions", type=int, default=None, help="text-embedding-3 dimensions")
     api.add_argument("--api-key-secret", default=None, help="Prefect Secret block with the key")
-    api.add_argument("--organization", default=None)
-    api.add_argument("--project", default=None)
+    api.add_argument("--organization", default=None, help="OpenAI-Organization header")
+    api.add_argument("--project", default=None, help="OpenAI-Project header")
     api.add_argument("--rpm", type=int, default=3_000, help="requests per minute")
     api.add_argument("--tpm", type=int, default=1_000_000, help="tokens per minute")
     api.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     api.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    api.add_argument("--oversize", default="split", choices=["split", "refuse"])
+    api.add_argument(
+        "--oversize",
+        default="split",
+        choices=["split", "refuse"],
+        help="an input over the model's 8,191 tokens: split and average, or refuse",
+    )
     api.add_argument("--price", type=float, default=None, help="USD per million tokens")
     api.add_argument(
         "--fleet-limit", default=None, help="Prefect global concurrency limit shared by workers"
@@ -109,27 +141,60 @@ def _ingest_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
 
 
+def _api_options(p: Any) -> None:
+    """search and evaluate on a table built with the OpenAI embedder: the endpoint recorded
+    in the index is used unless given here; the key as for ingest."""
+    api = p.add_argument_group("openai tables (the key: OPENAI_API_KEY or --api-key-secret)")
+    api.add_argument(
+        "--base-url", default=None, help="endpoint for query embeddings (default: the index's)"
+    )
+    api.add_argument("--api-key-secret", default=None, help="Prefect Secret block with the key")
+
+
+def _query_embedder_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "base_url", None):
+        out["base_url"] = args.base_url
+    if getattr(args, "api_key_secret", None):
+        out["api_key_secret"] = args.api_key_secret
+    return out
+
+
 def _search_parser(sub: Any) -> None:
     p = sub.add_parser("search", help="search the table")
-    p.add_argument("query")
-    p.add_argument("--table", default=DEFAULT_DB_URI)
-    p.add_argument("--mode", default="hybrid", choices=["vector", "fts", "hybrid"])
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("query", help="what to look for")
+    p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
+    p.add_argument(
+        "--mode",
+        default="hybrid",
+        choices=["vector", "fts", "hybrid"],
+        help="vector (cosine), fts (BM25) or hybrid (rank fusion of both; default)",
+    )
+    p.add_argument("-k", type=int, default=5, help="hits to show (default 5)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    _api_options(p)
 
 
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="score retrieval quality on a labelled query set")
     p.add_argument("dataset", help="BEIR folder (queries.jsonl + qrels/) or JSONL/CSV queries")
-    p.add_argument("--table", default=DEFAULT_DB_URI)
+    p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
     p.add_argument("--split", default="test", help="BEIR qrels split")
     p.add_argument(
         "--modes",
         nargs="+",
         default=["vector", "fts", "hybrid"],
         choices=["vector", "fts", "hybrid"],
+        help="retrieval modes to score (default: all three)",
     )
-    p.add_argument("-k", nargs="+", type=int, default=[1, 3, 5, 10, 100], dest="ks")
+    p.add_argument(
+        "-k",
+        nargs="+",
+        type=int,
+        default=[1, 3, 5, 10, 100],
+        dest="ks",
+        help="cut-offs for the metrics (default 1 3 5 10 100)",
+    )
     p.add_argument("--min-ndcg", type=float, default=None, help="fail below this nDCG@10")
     p.add_argument(
         "--max-drop",
@@ -144,7 +209,8 @@ def _evaluate_parser(sub: Any) -> None:
         help="after reviewing a change in quality, pin this run as the baseline that later "
         "runs are compared with (it does not fail)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _api_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,7 +356,14 @@ def _search(args: argparse.Namespace) -> int:
     from tasks.search import search
     from tasks.store import Store
 
-    hits = search(Store(args.table), args.query, mode=args.mode, k=args.k)
+    store = Store(args.table)
+    embedder = None
+    overrides = _query_embedder_overrides(args)
+    if overrides and args.mode != "fts":
+        from tasks.search import embedder_for_table
+
+        embedder = embedder_for_table(store, **overrides)
+    hits = search(store, args.query, mode=args.mode, k=args.k, embedder=embedder)
     if args.json:
         print(
             json.dumps(
@@ -386,6 +459,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "modes": args.modes,
                 "ks": args.ks,
                 "accept": args.accept,
+                "query_embedder": _query_embedder_overrides(args),
                 "gate": {
                     "min_ndcg_at_10": None if args.no_gate else args.min_ndcg,
                     "max_drop": None if args.no_gate else args.max_drop,

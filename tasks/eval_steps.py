@@ -37,7 +37,12 @@ def load_queries(params: EvaluateParams) -> QuerySet:
     persist_result=False,
 )
 def score_table(params: EvaluateParams, store: Store, query_set: QuerySet) -> Evaluation:
-    return evaluate_table(store, query_set, params.modes, params.ks)
+    embedder = None
+    if params.query_embedder and any(m != "fts" for m in params.modes):
+        from tasks.search import embedder_for_table
+
+        embedder = embedder_for_table(store, **params.query_embedder)
+    return evaluate_table(store, query_set, params.modes, params.ks, embedder)
 
 
 @task(name="load_history", cache_policy=NO_CACHE, persist_result=False)

@@ -100,7 +100,7 @@ def parse_html(doc_id: str, data: bytes) -> ParsedDocument:
     import lxml.html
     from lxml.etree import ParserError
 
-    text = decode_text(data)
+    text = _without_xml_declaration(_decode_declared(data))
     try:
         tree = lxml.html.document_fromstring(text)
     except (ParserError, ValueError) as exc:
@@ -120,6 +120,47 @@ def parse_html(doc_id: str, data: bytes) -> ParsedDocument:
     if not body:
         raise ParseError("HTML page has no visible text")
     return ParsedDocument(doc_id, body, title or _first_heading(body), markdown=True)
+
+
+_XML_DECL = re.compile(rb"^\s*<\?xml[^>]*?encoding=[\"']([A-Za-z0-9._-]+)[\"'][^>]*\?>")
+
+
+def _decode_declared(data: bytes) -> str:
+    """XHTML's `<?xml ... encoding="..."?>` names its encoding: use it; else detect."""
+    m = _XML_DECL.match(data[:512])
+    if m:
+        try:
+            return data.decode(m.group(1).decode("ascii"))
+        except (LookupError, UnicodeDecodeError):
+            pass  # a wrong declaration: detect instead
+    return decode_text(data)
+
+
+def _without_xml_declaration(text: str) -> str:
+    # lxml refuses a str that still declares an encoding (the text is decoded already)
+    return re.sub(r"^\s*<\?xml[^>]*\?>", "", text, count=1)
+
+
+#: a DOCX expands its XML parts; anything beyond this is a zip bomb or not a document
+MAX_DOCX_UNCOMPRESSED = 512 * 2**20
+MAX_DOCX_RATIO = 200
+
+
+def _check_docx_size(data: bytes) -> None:
+    """Refuse a DOCX whose parts would decompress to more than MAX_DOCX_UNCOMPRESSED, or at
+    an implausible ratio, before python-docx inflates anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ParseError(f"corrupt or non-DOCX file: {exc}") from exc
+    if total > MAX_DOCX_UNCOMPRESSED or (total > 32 * 2**20 and total > MAX_DOCX_RATIO * len(data)):
+        raise ParseError(
+            f"DOCX would expand to {total / 2**20:.0f} MB from {len(data) / 2**20:.1f} MB (a zip "
+            "bomb, or a document far too large to index): refused"
+        )
 
 
 def parse_pdf(doc_id: str, data: bytes) -> ParsedDocument:
@@ -161,6 +202,7 @@ def parse_docx(doc_id: str, data: bytes) -> ParsedDocument:
     import docx
     from docx.opc.exceptions import PackageNotFoundError
 
+    _check_docx_size(data)
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, OSError) as exc:

@@ -265,7 +265,9 @@ def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
                 run.store.chunks(TableModel(run.fingerprint.model, dim, run.params.embedder.kind))
             dim = batch.rows.schema.field("vector").type.list_size
             run.store.check_dimension(run.fingerprint.model, dim)
-            run.store.upsert_chunks(batch.rows)
+            if not written and o.content_hash:
+                run.store.delete_version(key, o.content_hash)  # an interrupted attempt's rows
+            run.store.append_chunks(batch.rows)
             written += batch.rows.num_rows
         counts.chunks.embedded += batch.embedded
         counts.chunks.cached += batch.cached

@@ -47,6 +47,8 @@ def embedder_for_table(store: Store, **overrides: Any) -> Embedder:
         )
     gen = store.generation
     fp = gen.fingerprint if gen is not None else None
+    if recorded.embedder != "openai":
+        overrides = {}  # endpoint and key options mean nothing to a local model
     if fp is not None and fp.embedder == "hash":
         from tasks.embedders.hashing import HashEmbedder
 

@@ -266,6 +266,12 @@ class EvaluateParams(_Model):
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 100], min_length=1)
     gate: GateSettings = Field(default_factory=GateSettings)
     worst_queries: int = Field(10, ge=0, le=1000, description="Worst queries listed per mode.")
+    query_embedder: dict[str, str] = Field(
+        default_factory=dict,
+        description="For a table built with the OpenAI embedder: 'base_url' and "
+        "'api_key_secret' for the query embeddings (default: the endpoint the index records, "
+        "the key from OPENAI_API_KEY).",
+    )
     accept: bool = Field(
         False,
         description="Pin this run as the baseline later runs are compared with, after "

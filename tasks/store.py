@@ -175,6 +175,23 @@ class TableModel:
 _UPKEEP_TABLES = (RUNS, EVALUATIONS, GENERATIONS)
 
 
+_SESSION: Any = None
+
+
+def _session() -> Any:
+    """One LanceDB session per process with bounded index and metadata caches
+    (LANCEFLOW_LANCE_CACHE_MB each, default 64)."""
+    global _SESSION
+    if _SESSION is None:
+        import os
+
+        import lancedb
+
+        size = int(float(os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "64")) * 2**20)
+        _SESSION = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
+    return _SESSION
+
+
 class Store:
     """One LanceDB database with lanceflow's tables, bound to one index generation.
 
@@ -188,8 +205,11 @@ class Store:
             import lancedb
 
             try:
-                # strong consistency: every read sees the latest commit, from any writer
-                _db = lancedb.connect(uri, read_consistency_interval=timedelta(0))
+                # strong consistency: every read sees the latest commit, from any writer;
+                # bounded caches, so a long run's memory does not grow with the table
+                _db = lancedb.connect(
+                    uri, read_consistency_interval=timedelta(0), session=_session()
+                )
             except Exception as exc:
                 raise TableError(f"cannot open LanceDB at {uri!r}: {exc}") from exc
         self.db = _db
@@ -429,17 +449,20 @@ class Store:
         builder.execute(rows)
         self._index_keys_once(tbl)
 
-    def upsert_chunks(self, rows: pa.Table) -> None:
-        """Insert or update chunks on chunk_id (a long document's segment)."""
+    def append_chunks(self, rows: pa.Table) -> None:
+        """Append a long document's segment (its version's rows were cleared first, see
+        delete_version: a plain append, whose memory does not grow with the table)."""
         if rows.num_rows:
             tbl = self.chunks()
-            (
-                tbl.merge_insert("chunk_id")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute(rows)
-            )
+            tbl.add(rows)
             self._index_keys_once(tbl)
+
+    def delete_version(self, doc_key: str, version: str) -> None:
+        """Drop a document's rows of one version (left by an interrupted attempt)."""
+        if self.has_chunks():
+            self.table(self.chunks_name).delete(
+                f"doc_key = {sql_str(doc_key)} AND doc_version = {sql_str(version)}"
+            )
 
     def delete_other_versions(self, doc_key: str, version: str) -> int:
         """Drop a document's chunks that belong to any version but `version`."""

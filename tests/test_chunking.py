@@ -8,7 +8,7 @@ from tasks.chunking import Chunker, heading_outline
 from tasks.errors import ConfigurationError
 from tasks.parsing import ParsedDocument, parse_document
 
-from .conftest import SAMPLES, scifact_slice
+from .conftest import SAMPLES, synthetic_records
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def tokenizer():
 
 def test_chunks_never_exceed_the_budget_and_offsets_are_exact(tokenizer):
     chunker = Chunker(tokenizer, 64, overlap=8)
-    for row in scifact_slice(40):
+    for row in synthetic_records(40, seed=2):
         doc = ParsedDocument(row["_id"], row["title"] + "\n\n" + row["text"], row["title"])
         spans = chunker.split(doc)
         assert spans
@@ -33,7 +33,7 @@ def test_chunks_never_exceed_the_budget_and_offsets_are_exact(tokenizer):
 
 def test_default_size_fits_the_model(bundled_model):
     assert bundled_model.max_tokens == 254  # 256 less [CLS] and [SEP]
-    long_text = " ".join(r["text"] for r in scifact_slice(5))
+    long_text = " ".join(r["text"] for r in synthetic_records(10, seed=3))
     spans = Chunker(bundled_model.tokenizer, bundled_model.max_tokens).split(
         ParsedDocument("x", long_text)
     )

@@ -86,9 +86,10 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     # again against the last run that passed
     with pytest.raises(QualityGateError, match="--accept") as again:
         evaluate(params)
-    assert again.value.summary["baseline"]["vector"]["ndcg@10"] == summary["results"]["vector"][
-        "ndcg@10"
-    ]
+    assert (
+        again.value.summary["baseline"]["vector"]["ndcg@10"]
+        == summary["results"]["vector"]["ndcg@10"]
+    )
     rows = store.table(EVALUATIONS).search().limit(None).to_arrow().to_pylist()
     assert [r["passed"] for r in rows].count(False) == 9  # 3 strict + 2 x 3 dropped
     # the operator reviews the change and accepts it: that run is the new baseline
@@ -159,6 +160,7 @@ def test_empty_table_and_missing_model_are_clear(tmp_path):
         )
 
 
+@pytest.mark.scifact
 def test_scifact_slice_end_to_end(tmp_path):
     n_docs = 400
     src = tmp_path / "src"

@@ -161,28 +161,19 @@ def test_run_fails_when_most_documents_fail(tmp_path):
 
 def test_another_model_is_refused_before_any_work(corpus, tmp_path):
     ingest(_params(corpus, tmp_path / "db"))
-    other = tmp_path / "other"
-    other.mkdir()
     with pytest.raises(IndexDriftError, match="all-MiniLM-L6-v2"):
         ingest(_params(corpus, tmp_path / "db", embedder={"kind": "hash"}))
 
 
 def test_records_file_ingests_as_documents(tmp_path):
-    from .conftest import SCIFACT
+    from .conftest import synthetic_records, write_records
 
-    src = tmp_path / "scifact"
+    src = tmp_path / "records"
     src.mkdir()
-    with (
-        open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh,
-        open(src / "corpus.jsonl", "w", encoding="utf-8") as out,
-    ):
-        for i, line in enumerate(fh):
-            if i >= 30:
-                break
-            out.write(line)
+    write_records(src / "corpus.jsonl", synthetic_records(30))
     report = ingest(_params(src, tmp_path / "db"))
     assert report.documents.new == 30
     docs = _docs(Store(str(tmp_path / "db")))
-    assert "4983" in docs  # BEIR ids as document ids
+    assert "doc-00007" in docs  # the records' own ids are the document ids
     again = ingest(_params(src, tmp_path / "db"))
     assert again.documents.unchanged == 30 and again.chunks.embedded == 0

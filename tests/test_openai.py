@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from tasks.errors import ConfigurationError, EmbeddingAuthError, PartialEmbeddin
 from tasks.settings import IngestParams
 from tasks.store import CHUNKS, Store
 
-from .conftest import REPO, scifact_slice
+from .conftest import REPO, synthetic_records
 from .fake_openai import FakeOpenAI, Faults, fake_vector
 
 KEY = "sk-lanceflow-test-0123456789abcdef"
@@ -46,7 +45,7 @@ def _embedder(url: str, key: str = KEY, **kw) -> OpenAIEmbedder:
 
 
 def _texts(n: int) -> list[str]:
-    rows = scifact_slice(n)
+    rows = synthetic_records(n, seed=4)
     return [f"{r['title']} {r['text'][:600]}" for r in rows]
 
 
@@ -188,11 +187,14 @@ def test_missing_key_is_refused_before_any_work(tmp_path, monkeypatch, corpus):
 
 
 @pytest.mark.slow
-def test_cli_ingest_through_the_api_with_faults_dry_run_and_rerun(server, tmp_path, corpus):
+def test_cli_ingest_through_the_api_with_faults_dry_run_and_rerun(
+    server, tmp_path, corpus, cli_env
+):
     srv, url = server(faults=Faults(error_500=0.2, drop=0.1, seed=11))
     (corpus / "ko" / "poison.txt").write_text("A paragraph with POISON in it.", encoding="utf-8")
     srv.faults.poison = "POISON"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OPENAI_API_KEY=KEY)
+    env = dict(cli_env, OPENAI_API_KEY=KEY)
+    env.pop("OPENAI_BASE_URL", None)
     db = str(tmp_path / "db")
     base = [
         sys.executable,
@@ -262,13 +264,41 @@ def test_cli_ingest_through_the_api_with_faults_dry_run_and_rerun(server, tmp_pa
             "--mode",
             "vector",
         ],
-        env=dict(env, OPENAI_BASE_URL=url),
+        env=env,  # the endpoint recorded in the index, the key as for ingest
         cwd=REPO,
         capture_output=True,
         text=True,
     )
     assert hits.returncode == 0, hits.stderr
     assert json.loads(hits.stdout)[0]["doc_id"] == "reports/vacation-policy.html"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        json.dumps({"query": "paid vacation days", "relevant": ["reports/vacation-policy.html"]}),
+        encoding="utf-8",
+    )
+    scored = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "evaluate",
+            str(labels),
+            "--table",
+            db,
+            "--modes",
+            "vector",
+            "--base-url",
+            url,
+            "--json",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["results"]["vector"]["ndcg@10"] > 0.5
+    assert KEY not in scored.stdout + scored.stderr
 
 
 @pytest.mark.slow

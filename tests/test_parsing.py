@@ -90,3 +90,35 @@ def test_record_document_joins_title_and_text():
     assert doc.text == "A title\n\nBody text." and doc.title == "A title"
     with pytest.raises(ParseError):
         record_document("43", "", "   ")
+
+
+def test_xhtml_with_an_encoding_declaration():
+    body = (
+        '<?xml version="1.0" encoding="EUC-KR"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
+        '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">\n'
+        '<html xmlns="http://www.w3.org/1999/xhtml"><head><title>보안 규정</title></head>'
+        "<body><h1>비밀번호</h1><p>비밀번호는 90일마다 변경합니다.</p></body></html>"
+    )
+    doc = parse_document("x", "rules.xhtml.html", body.encode("euc-kr"))
+    assert doc.title == "보안 규정"
+    assert "90일마다 변경" in doc.text and "# 비밀번호" in doc.text
+    utf8 = body.replace("EUC-KR", "UTF-8").encode("utf-8")
+    assert "90일마다" in parse_document("x", "r.htm", utf8).text
+
+
+def test_docx_zip_bomb_is_refused_before_inflating():
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr("[Content_Types].xml", "<Types/>")
+        # 600 MB of zeros compress to well under 1 MB
+        with zf.open("word/document.xml", "w", force_zip64=True) as fh:
+            block = b"\0" * (1 << 20)
+            for _ in range(600):
+                fh.write(block)
+    data = buf.getvalue()
+    assert len(data) < 2 * 2**20
+    with pytest.raises(ParseError, match="zip bomb"):
+        parse_document("b", "bomb.docx", data)

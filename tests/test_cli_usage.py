@@ -1,0 +1,35 @@
+"""The command line as a new user meets it: every option explains itself, -v works after the
+subcommand too."""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.cli import build_parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_option_has_a_help_text():
+    parser = build_parser()
+    missing = []
+    for name, sub in {"": parser, **_subparsers(parser)}.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+
+
+def test_verbose_works_before_and_after_the_command():
+    parser = build_parser()
+    assert parser.parse_args(["-v", "search", "q"]).verbose
+    assert parser.parse_args(["search", "q", "-v"]).verbose
+    assert parser.parse_args(["ingest", "docs", "--verbose"]).verbose
+    assert not parser.parse_args(["search", "q"]).verbose

@@ -90,6 +90,13 @@ class IngestRun:
 
 
 def _drift_message(uri: str, diffs: list[tuple[str, Any, Any]], live: Generation | None) -> str:
+    if diffs and diffs[0][0] == "fingerprint":
+        return (
+            f"the index at {uri!r} was built by an older lanceflow that did not record its "
+            "settings, so a run cannot tell whether yours match. Pass --reindex once: it "
+            "rebuilds the index with your settings beside the old one (search keeps answering "
+            "from the old one until the atomic switch), and records them."
+        )
     lines = "\n".join(f"  {name}: {old!r} -> {new!r}" for name, old, new in diffs)
     number = live.number if live else 1
     return (

@@ -86,11 +86,17 @@ def _rows(result: Any) -> list[dict[str, Any]]:
     return list(result.to_arrow().to_pylist())
 
 
+def _columns(tbl: Any) -> list[str]:
+    # a table from an older lanceflow has no source_uri
+    names = set(tbl.schema.names)
+    return [c for c in _COLUMNS if c in names]
+
+
 def _vector_hits(tbl: Any, vector: Sequence[float], n: int, indexed: bool) -> list[dict[str, Any]]:
     q = tbl.search(list(map(float, vector)), vector_column_name="vector").distance_type("cosine")
     if indexed:
         q = q.nprobes(32).refine_factor(5)
-    rows = _rows(q.select([*_COLUMNS, "_distance"]).limit(n))
+    rows = _rows(q.select([*_columns(tbl), "_distance"]).limit(n))
     for r in rows:
         r["_score"] = 1.0 - float(r.pop("_distance"))
     return rows
@@ -101,7 +107,7 @@ def _fts_hits(tbl: Any, query: str, column: str, n: int) -> list[dict[str, Any]]
         return []
     try:
         q = tbl.search(query, query_type="fts", fts_columns=column)
-        return _rows(q.select([*_COLUMNS, "_score"]).limit(n))
+        return _rows(q.select([*_columns(tbl), "_score"]).limit(n))
     except (ValueError, RuntimeError) as exc:
         if "index" in str(exc).lower():
             raise TableError(

@@ -333,14 +333,21 @@ class Store:
         """doc_id -> its manifest row, for the documents of one source."""
         if not self.has(self.documents_name):
             return {}
-        data = (
-            self.table(self.documents_name)
-            .search()
-            .where(f"source_uri = {sql_str(source_uri)}")
-            .select(["doc_id", "content_hash", "size", "mtime", "status", "path"])
-            .limit(None)
-            .to_arrow()
-        )
+        tbl = self.table(self.documents_name)
+        if "source_uri" not in tbl.schema.names:
+            # written by a lanceflow before several sources per table: one source, 'source'
+            # held the path
+            query = tbl.search().select(["doc_id", "content_hash", "size", "mtime", "status"])
+            data = query.limit(None).to_arrow()
+            data = data.append_column("path", data.column("doc_id"))
+        else:
+            data = (
+                tbl.search()
+                .where(f"source_uri = {sql_str(source_uri)}")
+                .select(["doc_id", "content_hash", "size", "mtime", "status", "path"])
+                .limit(None)
+                .to_arrow()
+            )
         cols = [data.column(c).to_pylist() for c in data.column_names]
         return {
             row[0]: ManifestRow(row[1], row[2] or 0, row[3] or 0.0, row[4], row[5])
@@ -351,9 +358,10 @@ class Store:
         """The source URIs with documents in this generation."""
         if not self.has(self.documents_name):
             return []
-        data = (
-            self.table(self.documents_name).search().select(["source_uri"]).limit(None).to_arrow()
-        )
+        tbl = self.table(self.documents_name)
+        if "source_uri" not in tbl.schema.names:
+            return []  # an older lanceflow's table: its one source was not recorded
+        data = tbl.search().select(["source_uri"]).limit(None).to_arrow()
         return sorted(set(data.column("source_uri").to_pylist()))
 
     def upsert_documents(self, rows: list[dict[str, Any]]) -> None:

@@ -87,3 +87,35 @@ def test_ids_are_deterministic():
     h = text_hash("chunk")
     assert chunk_id("d", 0, h) == chunk_id("d", 0, h)
     assert chunk_id("d", 0, h) != chunk_id("e", 0, h) != chunk_id("d", 1, h)
+
+
+def test_verify_and_sources_without_times_rehash_every_file(corpus):
+    from tasks.plan import plan_changes
+    from tasks.store import ManifestRow
+
+    source = Source(SourceSettings(uri=str(corpus)))
+    entries = list(source.iter_entries())
+    manifest = {e.rel: ManifestRow("old-hash", e.size, e.mtime, "ok", e.rel) for e in entries}
+    plan = plan_changes(source, manifest)
+    assert plan.unchanged == len(entries) and plan.to_process == 0
+    plan.cleanup()
+    verified = plan_changes(source, manifest, verify=True)
+    assert verified.unchanged == 0 and verified.to_process == len(entries)
+    verified.cleanup()
+    source.reliable_mtime = False  # e.g. a store whose listing gives no modification time
+    blind = plan_changes(source, manifest)
+    assert blind.to_process == len(entries)
+    blind.cleanup()
+
+
+def test_one_source_under_several_spellings(tmp_path, monkeypatch):
+    from tasks.sources import canonical_source_uri
+
+    (tmp_path / "docs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    want = str((tmp_path / "docs").resolve())
+    for spelling in ("docs", "./docs/", str(tmp_path / "docs") + "/", f"file://{want}"):
+        assert canonical_source_uri(spelling) == want
+    assert canonical_source_uri("S3://bucket//prefix/") == "s3://bucket/prefix"
+    assert canonical_source_uri("s3a://bucket/prefix") == "s3://bucket/prefix"
+    assert canonical_source_uri("gcs://b/p/") == "gs://b/p"

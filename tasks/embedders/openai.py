@@ -252,7 +252,17 @@ class OpenAIEmbedder:
             async with sem:
                 await self._send_bisecting(req.indices, pieces, tokens, vectors, failed)
 
-        await asyncio.gather(*(run(r) for r in self._pack(tokens)))
+        pending = list(range(len(pieces)))
+        if not self.budget.learned and pending:
+            # the limits are unknown: one small request first; its headers tell them, and the
+            # rest is packed for the real limits (small requests keep every window smooth)
+            probe = self._pack(tokens)[0].indices
+            await run(_Request(probe, sum(tokens[i] for i in probe)))
+            pending = pending[len(probe) :]
+        packed = self._pack([tokens[i] for i in pending])
+        await asyncio.gather(
+            *(run(_Request([pending[j] for j in r.indices], r.tokens)) for r in packed)
+        )
         dim = next((v.shape[0] for v in vectors.values()), self._dimension or 1)
         self._dimension = self._dimension or dim
         out = np.zeros((len(texts), dim), dtype=np.float32)

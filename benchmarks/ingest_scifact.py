@@ -178,7 +178,7 @@ def main() -> None:
         cmd += ["--chunk-tokens", str(args.chunk_tokens)]
     if not args.skip_cold:
         cold_table = work / "cold-db"
-        cold_cmd = [*cmd[:5], str(cold_table), *cmd[6:]]
+        cold_cmd = [*cmd[:6], str(cold_table), *cmd[7:]]
         cold_env = dict(env, LANCEFLOW_CACHE_DIR=str(work / "empty-cache"))
         c_seconds, c_rss, _ = _rss_of(cold_cmd, cold_env)
         result.update(cold_ingest_s=round(c_seconds, 2), cold_peak_rss_gib=round(c_rss / 2**20, 3))

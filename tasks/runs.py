@@ -76,6 +76,35 @@ class IngestRun:
             self.report.tokens = used
             self.report.cost_usd = round(used * emb.price / 1e6, 6)
 
+    def embed(self, outcomes: Any) -> Any:
+        """A batch's chunk rows (tasks.embedding.embed_outcomes with this run's cache and
+        memo); the chunks table is created, and its dimension checked, on the first rows."""
+        from tasks.embedding import embed_outcomes
+        from tasks.errors import ModelMismatchError
+
+        batch = embed_outcomes(
+            outcomes,
+            self.embedder,
+            self.store,
+            self.params.embedder.kind,
+            self.source_uri,
+            cache_tables=self.cache_tables,
+            memo=self.memo,
+        )
+        if batch.rows is not None:
+            dim = batch.rows.schema.field("vector").type.list_size
+            expected = self.fingerprint.dimension
+            if expected is not None and expected != dim:
+                raise ModelMismatchError(
+                    f"{self.fingerprint.model} gives {dim}-dimensional vectors, not the "
+                    f"{expected} its configuration promised: pass --reindex to rebuild"
+                )
+            self.store.check_dimension(self.fingerprint.model, dim)
+            if not self.store.has_chunks():
+                model = TableModel(self.fingerprint.model, dim, self.params.embedder.kind)
+                self.store.chunks(model)
+        return batch
+
     def persist_target(self) -> None:
         """Write the generation this run builds into the generations table (once)."""
         if self.live is not None and not self.live.persisted:
@@ -242,7 +271,6 @@ def complete_generation(run: IngestRun, ok: bool) -> bool:
 
 def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
     """One long document, a segment at a time; returns its counts (tasks.streaming)."""
-    from tasks.embedding import embed_outcomes
     from tasks.identity import doc_key
     from tasks.streaming import stream_document
     from tasks.writing import write_batch
@@ -255,23 +283,10 @@ def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
     def write_segment(o: Any) -> None:
         nonlocal written
         o.status = "ok"
-        batch = embed_outcomes(
-            [o],
-            run.embedder,
-            run.store,
-            run.params.embedder.kind,
-            run.source_uri,
-            cache_tables=run.cache_tables,
-            memo=run.memo,
-        )
+        batch = run.embed([o])
         if o.status == "failed" and not first_failure:
             first_failure.append(o.error or "failed")  # a chunk the API rejected
         if batch.rows is not None:
-            if not run.store.has_chunks():
-                dim = batch.rows.schema.field("vector").type.list_size
-                run.store.chunks(TableModel(run.fingerprint.model, dim, run.params.embedder.kind))
-            dim = batch.rows.schema.field("vector").type.list_size
-            run.store.check_dimension(run.fingerprint.model, dim)
             if not written and o.content_hash:
                 run.store.delete_version(key, o.content_hash)  # an interrupted attempt's rows
             run.store.append_chunks(batch.rows)

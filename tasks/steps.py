@@ -16,8 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
-from tasks.embedding import EmbeddedBatch, embed_outcomes
-from tasks.errors import LanceflowError, ModelMismatchError
+from tasks.embedding import EmbeddedBatch
+from tasks.errors import LanceflowError
 from tasks.identity import doc_key
 from tasks.plan import RECORDS_MARKER, Plan
 from tasks.report import Failure, IngestReport
@@ -30,7 +30,7 @@ from tasks.runs import (
     stream_one,
 )
 from tasks.settings import IngestParams
-from tasks.store import TableModel, sql_in
+from tasks.store import sql_in
 from tasks.writing import write_batch
 
 
@@ -94,26 +94,7 @@ def chunk_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
 @_io_task("embed_chunks")
 def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
     """Vectors from the cache, the run's memo of unwritten vectors, then the model."""
-    batch = embed_outcomes(
-        outcomes,
-        run.embedder,
-        run.store,
-        run.params.embedder.kind,
-        run.source_uri,
-        cache_tables=run.cache_tables,
-        memo=run.memo,
-    )
-    if batch.rows is not None:
-        dim = batch.rows.schema.field("vector").type.list_size
-        expected = run.fingerprint.dimension
-        if expected is not None and expected != dim:
-            raise ModelMismatchError(
-                f"{run.fingerprint.model} gives {dim}-dimensional vectors, not the "
-                f"{expected} its configuration promised: pass --reindex to rebuild"
-            )
-        run.store.check_dimension(run.fingerprint.model, dim)
-        if not run.store.has_chunks():
-            run.store.chunks(TableModel(run.fingerprint.model, dim, run.params.embedder.kind))
+    batch = run.embed(outcomes)
     run.report.chunks.embedded += batch.embedded
     run.report.chunks.cached += batch.cached
     return batch

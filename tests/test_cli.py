@@ -23,18 +23,7 @@ pytestmark = pytest.mark.slow
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: each command starts Prefect's temporary server."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_cli(dict(os.environ, PYTHONPATH=str(REPO)), *args, check=check)
 
 
 def test_ingest_json_report_and_search_json(corpus, tmp_path, cli_env):

@@ -382,11 +382,10 @@ class LocalEmbedder:
 
 
 def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # without importing it: a run that embeds nothing never loads the runtime
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 class _TorchModel:

@@ -41,8 +41,6 @@ class DocOutcome:
     path: str = ""
     #: the manifest's hash before this run (a 'check' compares with it)
     old_hash: str | None = None
-    #: chunks written for a streamed document (its chunks are not held at once)
-    chunk_total: int | None = None
 
     @property
     def title(self) -> str:

@@ -181,12 +181,10 @@ def drop_old(db: Any, keep: int) -> list[int]:
         tbl.delete(f"generation IN ({', '.join(str(g.number) for g in doomed)})")
     referenced = {t for g in list_generations(db) for t in (g.chunks_table, g.documents_table)}
     existing = set(db.list_tables().tables)
-    dropped: list[int] = []
     for name in sorted(existing - referenced):
         if name.startswith(("chunks_g", "documents_g")) or (
             name in ("chunks", "documents") and referenced
         ):
             db.drop_table(name)
             log.info("dropped %s (an old index generation)", name)
-    dropped = [g.number for g in doomed]
-    return dropped
+    return [g.number for g in doomed]

@@ -137,15 +137,15 @@ def _drift_message(uri: str, diffs: list[tuple[str, Any, Any]], live: Generation
 
 
 def choose_generation(
-    store: Store, fp: Fingerprint, reindex: bool
+    store: Store, gens: list[Generation], fp: Fingerprint, reindex: bool
 ) -> tuple[Generation, Generation | None]:
     """The generation a run with fingerprint `fp` writes, and the live one.
 
     Same settings as the live generation: the live one. Other settings: refused with the
     differences, unless `reindex`, which resumes the build with these settings or plans a new
-    one (written to the table only once the run passes its checks).
+    one (written to the table only once the run passes its checks). `gens`: the table's
+    generations, as store.generations() lists them.
     """
-    gens = store.generations()
     live = generations.live(gens)
     if live is None and store.has(CHUNKS):
         # a table from before generations: adopt it as generation 1 with no fingerprint
@@ -179,7 +179,8 @@ def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
         resolve_api_key(params.embedder)  # a missing key fails here, before any work
     store = Store(params.store.uri)
     fp = fingerprints.compute(params.embedder, params.chunking)
-    target, live = choose_generation(store, fp, params.reindex)
+    gens = store.generations()
+    target, live = choose_generation(store, gens, fp, params.reindex)
     source = Source(params.source)
     report = IngestReport(
         run_id=str(uuid.uuid4()),
@@ -191,7 +192,7 @@ def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
     )
     cache = tuple(
         g.chunks_table
-        for g in store.generations()
+        for g in gens
         if g.embedding_key == fp.embedding_key and g.number != target.number
     )
     return IngestRun(

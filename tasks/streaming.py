@@ -164,7 +164,6 @@ def stream_document(
                 write_segment(outcome)
                 total += len(spans)
             outcome.chunks = []
-            outcome.chunk_total = total
             if total == 0:
                 outcome.status, outcome.error = "failed", "no text to index after chunking"
     except DocumentError as exc:

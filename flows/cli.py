@@ -1,5 +1,5 @@
-"""The `lanceflow` command line. Each command runs its flow locally under Prefect's
-ephemeral API (no server to start)."""
+"""The `lanceflow` command line. Each command runs its flow under Prefect: against the server
+PREFECT_API_URL names, or else a temporary local one (no server to start)."""
 
 from __future__ import annotations
 
@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     _search_parser(sub)
     _evaluate_parser(sub)
     _generations_parser(sub)
+    _rollback_parser(sub)
+    _maintain_parser(sub)
+    _serve_parser(sub)
+    _prepare_model_parser(sub)
     for name, sp in sub.choices.items():
         # `-v` works after the subcommand too (`lanceflow ingest -v ...`)
         sp.add_argument(
@@ -311,9 +315,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
         report = None if args.always_flow else quick_check(params)
         if report is None:
-            from flows.ingest import ingest
+            from flows.ingest import run_ingest
 
-            report = ingest(params)
+            report = run_ingest(params)
     except TooManyFailuresError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)
         report, code = exc.report, EXIT_FAILED_RUN
@@ -331,7 +335,9 @@ def _ingest(args: argparse.Namespace) -> int:
             + (f"tokens: {report.tokens}, cost ${report.cost_usd:.4f}\n" if report.tokens else "")
             + f"table {report.table} generation {report.generation} ({report.generation_status}"
             + (", switched by this run" if report.switched else "")
-            + f") version {report.table_version}, {report.seconds:.1f} s"
+            + f") version {report.table_version}"
+            + (f", tag {report.tag}" if report.tag else "")
+            + f", {report.seconds:.1f} s"
         )
         if report.waiting_for_sources:
             print(
@@ -469,11 +475,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"lanceflow: invalid option: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from flows.evaluate import QualityGateError, evaluate
+    from flows.evaluate import QualityGateError, run_evaluate
 
     code = 0
     try:
-        summary = evaluate(params)
+        summary = run_evaluate(params)
     except QualityGateError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)
         summary, code = exc.summary, EXIT_FAILED_RUN
@@ -498,8 +504,175 @@ def _evaluate(args: argparse.Namespace) -> int:
         "gate: "
         + ("passed" if gate["passed"] else "FAILED")
         + (" (accepted as the new baseline)" if gate.get("accepted") else "")
+        + (f", scored tag {summary['tag']}" if summary.get("tag") else "")
     )
     return code
+
+
+def _rollback_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "rollback",
+        help="restore a tagged version of a table (each successful ingest tags its version)",
+        description="Without --to: one tag back from where the table stands (repeat it to go "
+        "further back). The restore is a new version, so a rollback can be undone with "
+        "--to the later tag.",
+    )
+    p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
+    p.add_argument("--to", default=None, metavar="TAG", help="the tag to restore")
+    p.add_argument("--list", action="store_true", help="list the tags and rollbacks, newest last")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from tasks import versions
+    from tasks.locking import table_lock
+    from tasks.store import Store
+
+    store = Store(args.table)
+    if args.list:
+        rows = versions.history(store)
+        current = versions.current_tag(store)
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "tag": r.tag,
+                            "kind": r.kind,
+                            "generation": r.generation,
+                            "chunks_version": r.chunks_version,
+                            "restored": r.restored,
+                            "created_at": str(r.created_at),
+                            "current": r.tag == current,
+                        }
+                        for r in rows
+                    ]
+                )
+            )
+            return 0
+        for r in rows:
+            mark = "*" if (r.kind == versions.INGEST and r.tag == current) else " "
+            what = f"restored {r.restored}" if r.kind == versions.ROLLBACK else "ingest"
+            print(
+                f"{mark} {r.created_at:%Y-%m-%d %H:%M:%S} {r.tag:<40} generation "
+                f"{r.generation} chunks v{r.chunks_version}  {what}"
+            )
+        return 0
+    with table_lock(args.table, holder="rollback"):
+        target = versions.rollback(store, args.to)
+    if args.json:
+        print(json.dumps({"restored": target.tag, "generation": target.generation}))
+    else:
+        print(
+            f"restored tag {target.tag} (generation {target.generation}, chunks "
+            f"v{target.chunks_version}) as a new version of {args.table}; "
+            f"`lanceflow rollback --table {args.table} --list` shows the history"
+        )
+    return 0
+
+
+def _maintain_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "maintain", help="verify against the source, compact, prune old versions and tags"
+    )
+    p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
+    p.add_argument("--source", default="", help="the source to verify against (empty: no verify)")
+    p.add_argument("--retention-days", type=float, default=14.0, help="version retention")
+    p.add_argument("--keep-tags", type=int, default=14, help="ingest tags kept for rollback")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _maintain(args: argparse.Namespace) -> int:
+    from flows.maintain import maintain
+    from tasks.settings import MaintainSettings
+
+    result = maintain(
+        table=args.table,
+        source=args.source,
+        maintenance=MaintainSettings(
+            retention_days=args.retention_days, keep_tags=args.keep_tags, verify=bool(args.source)
+        ),
+    )
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    done = result["maintenance"]
+    print(
+        f"{done['versions_removed']} old versions removed, {len(done['tags_removed'])} tags "
+        f"removed, {len(done['tags_kept'])} kept; vector index "
+        + ("retrained" if done["retrained"] else "kept")
+    )
+    return 0
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the nightly ingest, the evaluation after each ingest and the weekly "
+        "maintenance from this process (Prefect's serve: no work pool or worker)",
+    )
+    p.add_argument(
+        "--source",
+        default=os.environ.get("LANCEFLOW_SOURCE", "samples/corpus"),
+        help="the source (default $LANCEFLOW_SOURCE, else samples/corpus)",
+    )
+    p.add_argument(
+        "--table",
+        default=os.environ.get("LANCEFLOW_TABLE", DEFAULT_DB_URI),
+        help=f"LanceDB directory (default $LANCEFLOW_TABLE, else {DEFAULT_DB_URI})",
+    )
+    p.add_argument(
+        "--dataset",
+        default=os.environ.get("LANCEFLOW_EVAL_DATASET"),
+        help="the evaluation dataset (default $LANCEFLOW_EVAL_DATASET; none: no evaluation)",
+    )
+    p.add_argument("--cron", default="0 2 * * *", help="nightly ingest schedule (cron)")
+    p.add_argument("--timezone", default="UTC", help="time zone of the schedules (IANA name)")
+    p.add_argument("--maintain-cron", default="0 4 * * 0", help="weekly maintenance (cron)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.service import serve_all
+
+    serve_all(
+        os.path.abspath(args.source) if "://" not in args.source else args.source,
+        os.path.abspath(args.table) if "://" not in args.table else args.table,
+        args.dataset,
+        cron=args.cron,
+        timezone=args.timezone,
+        maintain_cron=args.maintain_cron,
+    )
+    return 0
+
+
+def _prepare_model_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "prepare-model",
+        help="load a local model once and export its ONNX file into the cache (for images)",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model id or directory")
+    p.add_argument(
+        "--backend",
+        default="onnx-int8",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="the runtime to prepare (default onnx-int8, what a CPU worker uses)",
+    )
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from tasks.embedding import build_embedder
+    from tasks.fingerprint import compute
+    from tasks.settings import ChunkSettings, EmbedderSettings
+
+    settings = EmbedderSettings(model=args.model, backend=args.backend, device="cpu")
+    embedder: Any = build_embedder(settings)
+    vectors = embedder.embed(["lanceflow prepare-model"])
+    fp = compute(settings, ChunkSettings())
+    print(
+        f"prepared {fp.model} ({fp.backend}, {vectors.shape[1]} dimensions, revision "
+        f"{fp.revision[:12]}) in {os.environ.get('LANCEFLOW_CACHE_DIR', 'the default cache')}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,6 +699,14 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "generations":
             return _generations(args)
+        if args.command == "rollback":
+            return _rollback(args)
+        if args.command == "maintain":
+            return _maintain(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "prepare-model":
+            return _prepare_model(args)
         return _search(args)
     except LanceflowError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)

@@ -1,19 +1,34 @@
-"""The `ingest` flow: list -> read and parse -> chunk -> embed -> write -> indexes -> report."""
+"""The `ingest` flow: list -> read and parse -> chunk -> embed -> write -> indexes -> report.
+
+Its parameters are top-level (`source`, `table`, then grouped settings), so a deployment run,
+a UI form or a trigger can override `table` alone: Prefect merges run parameters shallowly.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import get_run_context
+from pydantic import Field
 from tqdm import tqdm
 
+from tasks.crashpoints import pause_point
+from tasks.locking import table_lock
 from tasks.plan import iter_work
 from tasks.report import IngestReport
-from tasks.settings import IngestParams
+from tasks.settings import (
+    DEFAULT_DB_URI,
+    ChunkSettings,
+    EmbedderSettings,
+    FileSettings,
+    IngestParams,
+    RunSettings,
+    StoreOptions,
+)
 from tasks.steps import (
     chunk_documents,
     delete_documents,
@@ -33,11 +48,50 @@ log = logging.getLogger(__name__)
 
 
 @flow(name="ingest", persist_result=False, validate_parameters=True)
-def ingest(params: IngestParams) -> IngestReport:
-    """Bring a LanceDB table up to date with a folder or bucket of documents."""
+def ingest(
+    source: Annotated[str, Field(min_length=1)],
+    table: Annotated[str, Field(min_length=1)] = DEFAULT_DB_URI,
+    embedder: EmbedderSettings = EmbedderSettings(),  # noqa: B008
+    chunking: ChunkSettings = ChunkSettings(),  # noqa: B008
+    files: FileSettings = FileSettings(),  # noqa: B008
+    run: RunSettings = RunSettings(),  # noqa: B008
+    store: StoreOptions = StoreOptions(),  # noqa: B008
+) -> IngestReport:
+    """Bring a LanceDB table up to date with a folder or bucket of documents.
+
+    New and changed documents are embedded, deleted ones removed, unchanged ones skipped; the
+    result is tagged for `lanceflow rollback`. One run per table at a time.
+
+    Args:
+        source: A local folder or file, or an fsspec URL (s3://bucket/prefix, gs://, az://),
+            as the worker sees it.
+        table: The LanceDB database directory of the index (a path on the worker, or an
+            object-store URL). Runs that write one table never overlap.
+        embedder: The model that embeds the chunks: a local sentence-transformers model, the
+            OpenAI API (or a compatible server), or 'hash' for tests.
+        chunking: Chunk size and overlap in model tokens.
+        files: Which files of the source are taken, record-file columns, size limits.
+        run: Batch sizes, failure and deletion limits, and the verify and reindex switches.
+        store: Index upkeep: vector index threshold, version pruning, generations kept.
+    """
+    params = IngestParams.build(
+        source, table, embedder=embedder, chunking=chunking, files=files, run=run, store=store
+    )
+    with table_lock(table, holder="ingest"):
+        return ingest_with(params)
+
+
+def run_ingest(params: IngestParams) -> IngestReport:
+    """Run the `ingest` flow with one IngestParams (the CLI, tests, benchmarks)."""
+    return ingest(**params.flow_parameters())
+
+
+def ingest_with(params: IngestParams) -> IngestReport:
+    """The ingest flow's body, for a caller that holds the table's write slot."""
     logger = get_run_logger()
     run = open_run_task(params)
     plan = list_documents(run)
+    pause_point("after-plan")
     logger.info(
         "generation %d (%s): %d documents seen, %d unchanged, %d to process, %d to delete",
         run.target.number,
@@ -77,12 +131,13 @@ def ingest(params: IngestParams) -> IngestReport:
     report = report_run(run, flow_run_id)
     logger.info(
         "done: %d new, %d changed, %d deleted, %d failed documents; %d chunks embedded, "
-        "%d from the cache",
+        "%d from the cache; tag %s",
         report.documents.new,
         report.documents.changed,
         report.documents.deleted,
         report.documents.failed,
         report.chunks.embedded,
         report.chunks.cached,
+        report.tag or "-",
     )
     return report

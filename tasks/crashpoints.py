@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 POINTS = (
     "after-chunk-commit",  # a batch's chunks are committed, its manifest rows are not
@@ -17,6 +18,8 @@ POINTS = (
     "before-switch",  # a reindexed generation is complete and indexed, not yet live
     "after-switch",  # the new generation is live, the old one not yet dropped
 )
+#: where LANCEFLOW_PAUSE_AT can hold a run
+PAUSE_POINTS = ("after-plan",)  # the ingest flow holds the table's write slot and has its plan
 
 _passed: dict[str, int] = {}
 
@@ -31,3 +34,14 @@ def crash_point(name: str) -> None:
     _passed[name] = _passed.get(name, 0) + 1
     if _passed[name] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(name: str) -> None:
+    """`LANCEFLOW_PAUSE_AT=NAME:SECONDS` holds a run at a named point (tests that need two
+    runs to be in flight at once: the one-writer-per-table tests)."""
+    wanted = os.environ.get("LANCEFLOW_PAUSE_AT")
+    if not wanted:
+        return
+    point, _, seconds = wanted.partition(":")
+    if point == name:
+        time.sleep(float(seconds or 1))

@@ -58,6 +58,9 @@ def record_history(
     """Append this run, whether it passed and the gate it was judged by; return the history."""
     now = datetime.now(UTC)
     run_id = str(uuid.uuid4())
+    from tasks.versions import tag_of_version
+
+    tag = tag_of_version(store, store.chunks_name, ev.table_version)
     gate = json.dumps(
         {
             **params.gate.model_dump(),
@@ -85,6 +88,7 @@ def record_history(
                 "accepted": params.accept,
                 "gate": gate,
                 "evaluated_at": now,
+                "tag": tag,
             }
             for mode, res in ev.results.items()
         ]
@@ -129,3 +133,11 @@ def check_gate(
     params: EvaluateParams, ev: Evaluation, previous: dict[str, dict[str, Any]]
 ) -> list[str]:
     return gate_violations(ev, previous, params.gate.min_ndcg_at_10, params.gate.max_drop)
+
+
+def last_good_tag(history: list[dict[str, Any]]) -> str | None:
+    """The version tag of the latest evaluation of this dataset that passed or was accepted."""
+    for row in reversed(history):
+        if (row.get("passed") or row.get("accepted")) and row.get("tag"):
+            return str(row["tag"])
+    return None

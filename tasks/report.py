@@ -50,6 +50,10 @@ class IngestReport(BaseModel):
     #: a reindex builds every source of the live generation before it switches
     waiting_for_sources: list[str] = Field(default_factory=list)
     table_version: int = 0
+    #: the version tag left on the live generation's tables (`lanceflow rollback --to TAG`)
+    tag: str = ""
+    #: whether this run loaded the local model's weights (a no-change run does not)
+    model_loaded: bool = False
     tokens: int = 0  # tokens sent to a paid embeddings API
     cost_usd: float = 0.0  # their estimated cost at the configured price
     seconds: float = 0.0

@@ -320,9 +320,14 @@ def finish(run: IngestRun, flow_run_id: str | None = None) -> IngestReport:
     run.count_usage()
     report.seconds = round(time.time() - run.started, 3)
     report.table_version = run.store.version()
+    report.model_loaded = bool(getattr(run._embedder, "loaded", False))
     limit = run.params.max_failed_fraction
     too_many = report.documents.failed > 0 and report.failed_fraction > limit
     report.status = "failed" if too_many else "completed"
+    if not too_many and report.generation_status == generations.LIVE:
+        from tasks.versions import tag_version
+
+        report.tag = tag_version(run.store, report.run_id)
     run.store.record_run(
         {
             "run_id": report.run_id,
@@ -339,6 +344,7 @@ def finish(run: IngestRun, flow_run_id: str | None = None) -> IngestReport:
             "chunks_written": report.chunks.written,
             "table_version": report.table_version,
             "report": report_json(report.model_dump()),
+            "tag": report.tag or None,
         }
     )
     if too_many:

@@ -25,14 +25,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceSettings(_Model):
-    """Where the documents come from and which of them to take."""
+SOURCE_DESCRIPTION = (
+    "A local folder or file, or an fsspec URL (s3://bucket/prefix, gs://, az://). A path on "
+    "the machine that runs the flow (the worker)."
+)
+TABLE_DESCRIPTION = (
+    "The LanceDB database directory that holds the index (a local path on the worker, or an "
+    "object-store URL). Runs that write one table never overlap."
+)
 
-    uri: str = Field(
-        ...,
-        min_length=1,
-        description="A local folder or file, or an fsspec URL (s3://bucket/prefix, gs://, az://).",
-    )
+
+class FileSettings(_Model):
+    """Which files of the source to take and how to read them."""
+
     include: list[str] = Field(
         default_factory=list,
         description="Glob patterns on the path relative to the source root (e.g. '**/*.md' or "
@@ -68,6 +73,12 @@ class SourceSettings(_Model):
         description="Extra fsspec options such as an endpoint URL. Never put credentials here: "
         "they are read from the environment.",
     )
+
+
+class SourceSettings(FileSettings):
+    """Where the documents come from and which of them to take."""
+
+    uri: str = Field(..., min_length=1, description=SOURCE_DESCRIPTION)
 
 
 class ChunkSettings(_Model):
@@ -164,14 +175,9 @@ class EmbedderSettings(_Model):
         return self
 
 
-class StoreSettings(_Model):
-    """The LanceDB database that holds the chunks, documents and runs tables."""
+class StoreOptions(_Model):
+    """Index upkeep: vector index threshold, version pruning, generations kept."""
 
-    uri: str = Field(
-        DEFAULT_DB_URI,
-        min_length=1,
-        description="LanceDB database directory (local path or object-store URL).",
-    )
     vector_index_min_rows: int = Field(
         100_000,
         ge=256,
@@ -190,13 +196,15 @@ class StoreSettings(_Model):
     )
 
 
-class IngestParams(_Model):
-    """Parameters of the `ingest` flow."""
+class StoreSettings(StoreOptions):
+    """The LanceDB database that holds the chunks, documents and runs tables."""
 
-    source: SourceSettings
-    store: StoreSettings = Field(default_factory=StoreSettings)
-    chunking: ChunkSettings = Field(default_factory=ChunkSettings)
-    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    uri: str = Field(DEFAULT_DB_URI, min_length=1, description=TABLE_DESCRIPTION)
+
+
+class RunSettings(_Model):
+    """Batch sizes, failure and deletion limits, and the verify and reindex switches."""
+
     batch_docs: int = Field(
         256, ge=1, le=100_000, description="Documents read, parsed and written per batch."
     )
@@ -227,6 +235,49 @@ class IngestParams(_Model):
         description="Settings differ from the table's: build a new index generation with these "
         "settings beside the live one and switch to it atomically when it is complete.",
     )
+
+
+class IngestParams(RunSettings):
+    """Everything one ingest run needs, assembled from the flow's top-level parameters."""
+
+    source: SourceSettings
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    chunking: ChunkSettings = Field(default_factory=ChunkSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+
+    @classmethod
+    def build(
+        cls,
+        source: str,
+        table: str,
+        *,
+        embedder: EmbedderSettings | None = None,
+        chunking: ChunkSettings | None = None,
+        files: FileSettings | None = None,
+        run: RunSettings | None = None,
+        store: StoreOptions | None = None,
+    ) -> IngestParams:
+        return cls.model_validate(
+            {
+                **(run or RunSettings()).model_dump(),
+                "source": {**(files or FileSettings()).model_dump(), "uri": source},
+                "store": {**(store or StoreOptions()).model_dump(), "uri": table},
+                "chunking": (chunking or ChunkSettings()).model_dump(),
+                "embedder": (embedder or EmbedderSettings()).model_dump(),
+            }
+        )
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The `ingest` flow's keyword arguments (JSON-ready: deployments, the API, tests)."""
+        return {
+            "source": self.source.uri,
+            "table": self.store.uri,
+            "embedder": self.embedder.model_dump(mode="json"),
+            "chunking": self.chunking.model_dump(mode="json"),
+            "files": self.source.model_dump(mode="json", exclude={"uri"}),
+            "run": self.model_dump(mode="json", include=set(RunSettings.model_fields)),
+            "store": self.store.model_dump(mode="json", exclude={"uri"}),
+        }
 
 
 RetrievalMode = Literal["vector", "fts", "hybrid"]
@@ -272,8 +323,111 @@ class EvaluateParams(_Model):
         "'api_key_secret' for the query embeddings (default: the endpoint the index records, "
         "the key from OPENAI_API_KEY).",
     )
+    ingest_run: str | None = Field(
+        None, description="The ingest flow run that started this evaluation, when a trigger did."
+    )
     accept: bool = Field(
         False,
         description="Pin this run as the baseline later runs are compared with, after "
         "reviewing a change in quality; the gate does not fail it.",
+    )
+
+
+class QueryEmbedderSettings(_Model):
+    """How queries are embedded for a table built with the OpenAI embedder."""
+
+    base_url: str | None = Field(
+        None,
+        description="An OpenAI-compatible endpoint. Empty: the endpoint the index records.",
+    )
+    api_key_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the API key. Empty: the "
+        "OPENAI_API_KEY environment variable.",
+    )
+
+    def overrides(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
+class EvaluateOptions(_Model):
+    """Which retrieval modes and cut-offs are scored, and what is reported."""
+
+    split: str = Field("test", min_length=1, description="BEIR qrels split.")
+    modes: list[RetrievalMode] = Field(
+        default_factory=_all_modes, min_length=1, description="Retrieval modes scored."
+    )
+    ks: list[int] = Field(
+        default_factory=lambda: [1, 3, 5, 10, 100],
+        min_length=1,
+        description="Cut-offs for nDCG, recall, MRR and MAP.",
+    )
+    worst_queries: int = Field(10, ge=0, le=1000, description="Worst queries listed per mode.")
+
+
+def evaluate_params(
+    dataset: str,
+    table: str,
+    *,
+    gate: GateSettings | None = None,
+    options: EvaluateOptions | None = None,
+    query_embedder: QueryEmbedderSettings | None = None,
+    accept: bool = False,
+    ingest_run: str | None = None,
+) -> EvaluateParams:
+    """The `evaluate` flow's top-level parameters as one EvaluateParams."""
+    return EvaluateParams.model_validate(
+        {
+            **(options or EvaluateOptions()).model_dump(),
+            "dataset": dataset,
+            "store": {"uri": table},
+            "gate": (gate or GateSettings()).model_dump(),
+            "query_embedder": (query_embedder or QueryEmbedderSettings()).overrides(),
+            "accept": accept,
+            "ingest_run": ingest_run,
+        }
+    )
+
+
+def evaluate_flow_parameters(params: EvaluateParams) -> dict[str, Any]:
+    """The `evaluate` flow's keyword arguments for an EvaluateParams."""
+    return {
+        "dataset": params.dataset,
+        "table": params.store.uri,
+        "gate": params.gate.model_dump(mode="json"),
+        "options": params.model_dump(mode="json", include=set(EvaluateOptions.model_fields)),
+        "query_embedder": QueryEmbedderSettings(**params.query_embedder).model_dump(mode="json"),
+        "accept": params.accept,
+        "ingest_run": params.ingest_run,
+    }
+
+
+class MaintainSettings(_Model):
+    """What the weekly maintenance does."""
+
+    retention_days: float = Field(
+        14.0,
+        ge=0,
+        le=3650,
+        description="Table versions older than this are deleted, except tagged versions still "
+        "kept (the last `keep_tags` ingest tags and the last good one).",
+    )
+    keep_tags: int = Field(
+        14,
+        ge=1,
+        le=10_000,
+        description="Ingest version tags kept for `lanceflow rollback`; older tags are "
+        "removed (never the last good one).",
+    )
+    verify: bool = Field(
+        True,
+        description="Re-hash every document of the source and re-embed those whose content "
+        "changed without a new size or modification time.",
+    )
+    rebuild_indexes_after_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1.0,
+        description="Rebuild the vector and text indexes from scratch when this share of the "
+        "rows arrived after the index was built.",
     )

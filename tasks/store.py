@@ -110,6 +110,8 @@ RUNS_SCHEMA = pa.schema(
         pa.field("chunks_written", pa.int64()),
         pa.field("table_version", pa.int64()),
         pa.field("report", pa.string()),
+        # the version tag this run left on the chunks and documents tables (tasks.versions)
+        pa.field("tag", pa.string()),
     ]
 )
 
@@ -133,6 +135,7 @@ EVALUATIONS_SCHEMA = pa.schema(
         pa.field("accepted", pa.bool_()),  # pinned as the baseline by an operator (--accept)
         pa.field("gate", pa.string()),  # JSON: the gate settings the run was judged with
         pa.field("evaluated_at", pa.timestamp("us", tz="UTC")),
+        pa.field("tag", pa.string()),  # the version tag of the scored version, if any
     ]
 )
 
@@ -172,7 +175,7 @@ class TableModel:
 
 
 #: tables that get compaction and old-version cleanup besides the generation's own
-_UPKEEP_TABLES = (RUNS, EVALUATIONS, GENERATIONS)
+_UPKEEP_TABLES = (RUNS, EVALUATIONS, GENERATIONS, "version_tags", "maintenance")
 
 
 _SESSION: Any = None
@@ -594,7 +597,7 @@ class Store:
             created.append("vector_idx")
         if changed:
             # compaction, folding new rows into the indexes, pruning old versions
-            tbl.optimize(cleanup_older_than=cleanup_older_than)
+            optimize(tbl, cleanup_older_than)
             self.upkeep(cleanup_older_than)
         return {"indexes": sorted(self.index_names()), "created": created, "rows": rows}
 
@@ -608,7 +611,7 @@ class Store:
             if name == self.documents_name and tbl.count_rows():
                 if "doc_key_idx" not in {ix.name for ix in tbl.list_indices()}:
                     tbl.create_scalar_index("doc_key", index_type="BTREE", replace=True)
-            tbl.optimize(cleanup_older_than=cleanup_older_than)
+            optimize(tbl, cleanup_older_than)
             done.append(name)
         return done
 
@@ -635,6 +638,42 @@ def _add_missing_columns(tbl: Any, schema: pa.Schema) -> None:
     if missing:
         log.info("adding columns %s to %s", ", ".join(missing), tbl.name)
         tbl.add_columns(missing)
+
+
+def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
+    """The cleanup age that spares every tagged version: Lance refuses a cleanup that would
+    remove a tagged version, so versions are pruned only up to the oldest tag."""
+    if older_than is None:
+        return None
+    tagged = {int(t["version"]) for t in tbl.tags.list().values()}
+    if not tagged:
+        return older_than
+    oldest = min(tagged)
+    stamps = [v["timestamp"] for v in tbl.list_versions() if int(v["version"]) == oldest]
+    if not stamps:
+        return older_than
+    # Lance gives a naive local time; astimezone reads a naive one as local
+    age = datetime.now(UTC) - stamps[0].astimezone(UTC) + timedelta(seconds=1)
+    return max(older_than, age)
+
+
+def optimize(tbl: Any, cleanup_older_than: timedelta | None, retrain: bool = False) -> Any:
+    """Compaction, index folding and old-version cleanup that never removes a tagged
+    version; should Lance still find one in the way, the cleanup waits for the next time."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # a zero retention is a deliberate setting here, not the accident Lance warns about
+        warnings.filterwarnings("ignore", message="optimize.cleanup_older_than=0")
+        try:
+            return tbl.optimize(
+                cleanup_older_than=keep_tagged(tbl, cleanup_older_than), retrain=retrain
+            )
+        except RuntimeError as exc:
+            if "tagged version" not in str(exc):
+                raise
+            log.warning("version cleanup of %s skipped: %s", tbl.name, exc)
+            return tbl.optimize(retrain=retrain)
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

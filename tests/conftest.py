@@ -168,6 +168,9 @@ def cli_env(prefect_harness) -> dict[str, str]:
         PYTHONPATH=str(REPO),
         PREFECT_API_URL=str(PREFECT_API_URL.value()),
         PREFECT_SERVER_EPHEMERAL_ENABLED="false",
+        # the harness's server frees no expired lease (no repossessor, unlike `prefect server
+        # start`), and the crash tests kill writers: they lock the table with a file lock
+        LANCEFLOW_TABLE_LOCK="local",
     )
 
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from flows.evaluate import QualityGateError, evaluate
-from flows.ingest import ingest
+from flows.evaluate import QualityGateError, run_evaluate
+from flows.ingest import run_ingest
 from tasks.errors import ConfigurationError, ModelError, TableError
 from tasks.evaluation import load_query_set
 from tasks.settings import EvaluateParams, IngestParams
@@ -50,10 +50,12 @@ def _artifacts(key_prefix: str):
 
 def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     db = tmp_path / "db"
-    ingest(IngestParams.model_validate({"source": {"uri": str(corpus)}, "store": {"uri": str(db)}}))
+    run_ingest(
+        IngestParams.model_validate({"source": {"uri": str(corpus)}, "store": {"uri": str(db)}})
+    )
     qfile = _write_queries(tmp_path / "labels.jsonl", QUERIES)
     params = EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}})
-    summary = evaluate(params)
+    summary = run_evaluate(params)
     assert summary["queries"] == 5 and summary["gate"]["passed"]
     assert set(summary["results"]) == {"vector", "fts", "hybrid"}
     for mode in ("vector", "hybrid"):
@@ -72,20 +74,22 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
         {**params.model_dump(), "gate": {"min_ndcg_at_10": 0.999, "max_drop": None}}
     )
     with pytest.raises(QualityGateError, match=r"ndcg@10 = 0\.\d+ is below min_ndcg_at_10"):
-        evaluate(strict)
+        run_evaluate(strict)
 
     # quality drops: a relevant document vanishes from the source and the table
     (corpus / "reports" / "vacation-policy.html").unlink()
     (corpus / "guides" / "troubleshooting.md").unlink()
-    ingest(IngestParams.model_validate({"source": {"uri": str(corpus)}, "store": {"uri": str(db)}}))
+    run_ingest(
+        IngestParams.model_validate({"source": {"uri": str(corpus)}, "store": {"uri": str(db)}})
+    )
     with pytest.raises(QualityGateError, match=r"fell from .* \(the last passed run") as info:
-        evaluate(params)
+        run_evaluate(params)
     assert info.value.summary["unknown_documents"] == 2
     assert store.table(EVALUATIONS).count_rows() == 9
     # the next night the table is still bad: the failed run is not the baseline, so it fails
     # again against the last run that passed
     with pytest.raises(QualityGateError, match="--accept") as again:
-        evaluate(params)
+        run_evaluate(params)
     assert (
         again.value.summary["baseline"]["vector"]["ndcg@10"]
         == summary["results"]["vector"]["ndcg@10"]
@@ -93,12 +97,12 @@ def test_evaluate_writes_history_artifacts_and_gates(corpus, tmp_path):
     rows = store.table(EVALUATIONS).search().limit(None).to_arrow().to_pylist()
     assert [r["passed"] for r in rows].count(False) == 9  # 3 strict + 2 x 3 dropped
     # the operator reviews the change and accepts it: that run is the new baseline
-    accepted = evaluate(EvaluateParams.model_validate({**params.model_dump(), "accept": True}))
+    accepted = run_evaluate(EvaluateParams.model_validate({**params.model_dump(), "accept": True}))
     assert accepted["gate"]["accepted"] and not accepted["gate"]["passed"]
-    assert evaluate(params)["gate"]["passed"]
+    assert run_evaluate(params)["gate"]["passed"]
     # history is keyed by the dataset's identity: the same file with other labels starts anew
     _write_queries(qfile, QUERIES[:3])
-    fresh = evaluate(params)
+    fresh = run_evaluate(params)
     assert fresh["baseline"] == {} and fresh["dataset_key"] != summary["dataset_key"]
 
 
@@ -127,7 +131,7 @@ def test_bad_query_files_name_the_line(tmp_path):
 def test_empty_table_and_missing_model_are_clear(tmp_path):
     qfile = _write_queries(tmp_path / "q.jsonl", QUERIES[:1])
     with pytest.raises(TableError, match="empty"):
-        evaluate(
+        run_evaluate(
             EvaluateParams.model_validate(
                 {"dataset": str(qfile), "store": {"uri": str(tmp_path / "db")}}
             )
@@ -149,7 +153,7 @@ def test_empty_table_and_missing_model_are_clear(tmp_path):
     }
     store.table("chunks").add(pa.Table.from_pylist([row], schema=store.table("chunks").schema))
     with pytest.raises(ModelError, match="no-such-org/no-such-model"):
-        evaluate(
+        run_evaluate(
             EvaluateParams.model_validate(
                 {
                     "dataset": str(qfile),
@@ -185,8 +189,10 @@ def test_scifact_slice_end_to_end(tmp_path):
     assert len(rows) >= 15
     qfile = _write_queries(tmp_path / "scifact-slice.jsonl", rows)
     db = tmp_path / "db"
-    ingest(IngestParams.model_validate({"source": {"uri": str(src)}, "store": {"uri": str(db)}}))
-    summary = evaluate(
+    run_ingest(
+        IngestParams.model_validate({"source": {"uri": str(src)}, "store": {"uri": str(db)}})
+    )
+    summary = run_evaluate(
         EvaluateParams.model_validate({"dataset": str(qfile), "store": {"uri": str(db)}})
     )
     res = {m: v["ndcg@10"] for m, v in summary["results"].items()}

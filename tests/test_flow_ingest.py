@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from flows.ingest import ingest
+from flows.ingest import run_ingest
 from tasks.errors import IndexDriftError, TooManyFailuresError
 from tasks.settings import IngestParams
 from tasks.store import CHUNKS, DOCUMENTS, RUNS, Store
@@ -38,7 +38,7 @@ def _docs(store: Store) -> dict[str, dict]:
 
 
 def test_first_run_ingests_every_format(corpus, tmp_path):
-    report = ingest(_params(corpus, tmp_path / "db"))
+    report = run_ingest(_params(corpus, tmp_path / "db"))
     d = report.documents
     assert (d.seen, d.new, d.failed, d.unchanged) == (8, 8, 0, 0)
     assert report.chunks.embedded > 0 and report.chunks.written == report.chunks.embedded
@@ -57,7 +57,7 @@ def test_first_run_ingests_every_format(corpus, tmp_path):
 
 def test_incremental_add_modify_delete_rename(corpus, tmp_path):
     db = tmp_path / "db"
-    first = ingest(_params(corpus, db))
+    first = run_ingest(_params(corpus, db))
     store = Store(str(db))
     before = _vectors(store)
     untouched_ids = set(
@@ -81,7 +81,7 @@ def test_incremental_add_modify_delete_rename(corpus, tmp_path):
     # touched but unchanged: only its modification time moves
     os.utime(corpus / "reports" / "vacation-policy.html", (1e9, 1e9))
 
-    second = ingest(_params(corpus, db))
+    second = run_ingest(_params(corpus, db))
     d = second.documents
     assert d.seen == 8
     assert d.new == 2  # new.md and the renamed file
@@ -104,7 +104,7 @@ def test_incremental_add_modify_delete_rename(corpus, tmp_path):
     assert tbl.count_rows("doc_id = 'ko/security.txt'") == 0
     assert tbl.count_rows() == sum(r["chunk_count"] for r in docs.values())
 
-    third = ingest(_params(corpus, db))
+    third = run_ingest(_params(corpus, db))
     assert third.documents.unchanged == 8
     assert third.chunks.embedded == 0 and third.chunks.written == 0
 
@@ -121,7 +121,9 @@ def test_bad_inputs_are_skipped_and_recorded(corpus, tmp_path):
     locked.write_text("secret")
     locked.chmod(0)
     os.symlink(bad / "loop.txt", bad / "loop.txt")
-    report = ingest(_params(corpus, tmp_path / "db", source={"uri": str(corpus), "max_file_mb": 1}))
+    report = run_ingest(
+        _params(corpus, tmp_path / "db", source={"uri": str(corpus), "max_file_mb": 1})
+    )
     failed = {f.doc_id: f.error for f in report.failures}
     expected = {
         "bad/empty.txt": "empty",
@@ -148,21 +150,21 @@ def test_run_fails_when_most_documents_fail(tmp_path):
     for i in range(3):
         (src / f"bad{i}.pdf").write_bytes(b"not a pdf")
     with pytest.raises(TooManyFailuresError) as exc_info:
-        ingest(_params(src, tmp_path / "db"))
+        run_ingest(_params(src, tmp_path / "db"))
     assert exc_info.value.report.documents.failed == 3
     # the good document is still written, and the run is on record
     store = Store(str(tmp_path / "db"))
     assert store.table(CHUNKS).count_rows("doc_id = 'good.txt'") == 1
     assert store.table(RUNS).search().limit(None).to_arrow().to_pylist()[0]["status"] == "failed"
     # a higher threshold lets the same corpus pass
-    ok = ingest(_params(src, tmp_path / "db", max_failed_fraction=0.9))
+    ok = run_ingest(_params(src, tmp_path / "db", max_failed_fraction=0.9))
     assert ok.status == "completed"
 
 
 def test_another_model_is_refused_before_any_work(corpus, tmp_path):
-    ingest(_params(corpus, tmp_path / "db"))
+    run_ingest(_params(corpus, tmp_path / "db"))
     with pytest.raises(IndexDriftError, match="all-MiniLM-L6-v2"):
-        ingest(_params(corpus, tmp_path / "db", embedder={"kind": "hash"}))
+        run_ingest(_params(corpus, tmp_path / "db", embedder={"kind": "hash"}))
 
 
 def test_records_file_ingests_as_documents(tmp_path):
@@ -171,9 +173,9 @@ def test_records_file_ingests_as_documents(tmp_path):
     src = tmp_path / "records"
     src.mkdir()
     write_records(src / "corpus.jsonl", synthetic_records(30))
-    report = ingest(_params(src, tmp_path / "db"))
+    report = run_ingest(_params(src, tmp_path / "db"))
     assert report.documents.new == 30
     docs = _docs(Store(str(tmp_path / "db")))
     assert "doc-00007" in docs  # the records' own ids are the document ids
-    again = ingest(_params(src, tmp_path / "db"))
+    again = run_ingest(_params(src, tmp_path / "db"))
     assert again.documents.unchanged == 30 and again.chunks.embedded == 0

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from flows.ingest import ingest
+from flows.ingest import run_ingest
 from tasks.errors import DeletionRefusedError, IndexDriftError, SourceError
 from tasks.search import search
 from tasks.settings import IngestParams
@@ -39,30 +39,30 @@ def _versions(db) -> dict[str, int]:
 
 def test_changed_settings_are_refused_with_each_difference(corpus, tmp_path):
     db = tmp_path / "db"
-    ingest(_params(corpus, db))
+    run_ingest(_params(corpus, db))
     before = _versions(db)
     with pytest.raises(IndexDriftError) as info:
-        ingest(_params(corpus, db, chunking={"chunk_tokens": 32}))
+        run_ingest(_params(corpus, db, chunking={"chunk_tokens": 32}))
     assert info.value.differences == [("chunk_tokens", 254, 32)]
     assert "--reindex" in str(info.value) and "254 -> 32" in str(info.value)
     with pytest.raises(IndexDriftError) as info:
-        ingest(_params(corpus, db, embedder={"backend": "torch"}))
+        run_ingest(_params(corpus, db, embedder={"backend": "torch"}))
     names = {d[0] for d in info.value.differences}
     assert names == {"backend", "precision"}
     with pytest.raises(IndexDriftError) as info:
-        ingest(_params(corpus, db, chunking={"strategy": "whole"}))
+        run_ingest(_params(corpus, db, chunking={"strategy": "whole"}))
     assert ("chunking", "split", "whole") in info.value.differences
     assert _versions(db) == before  # refused runs write nothing
     # an alias of the same model is the same model
-    same = ingest(_params(corpus, db, embedder={"model": "all-MiniLM-L6-v2"}))
+    same = run_ingest(_params(corpus, db, embedder={"model": "all-MiniLM-L6-v2"}))
     assert same.documents.unchanged == 8 and same.chunks.embedded == 0
 
 
 def test_reindex_builds_beside_the_live_generation_and_switches(corpus, tmp_path):
     db = tmp_path / "db"
-    first = ingest(_params(corpus, db))
+    first = run_ingest(_params(corpus, db))
     assert first.generation == 1
-    rebuilt = ingest(_params(corpus, db, chunking={"chunk_tokens": 64}, reindex=True))
+    rebuilt = run_ingest(_params(corpus, db, chunking={"chunk_tokens": 64}, reindex=True))
     assert rebuilt.generation == 2 and rebuilt.switched
     # a chunking-only change re-embeds only chunks whose text is new: the rest is cached
     assert rebuilt.chunks.cached >= 1
@@ -72,13 +72,13 @@ def test_reindex_builds_beside_the_live_generation_and_switches(corpus, tmp_path
     hits = search(store, "paid vacation days", k=1)
     assert hits[0].generation == 2 and hits[0].source == str(corpus.resolve())
     clean = tmp_path / "clean"
-    ingest(_params(corpus, clean, chunking={"chunk_tokens": 64}))
+    run_ingest(_params(corpus, clean, chunking={"chunk_tokens": 64}))
     assert table_snapshot(str(db)) == table_snapshot(str(clean))
     # the next run with the new settings is a normal incremental run
-    again = ingest(_params(corpus, db, chunking={"chunk_tokens": 64}))
+    again = run_ingest(_params(corpus, db, chunking={"chunk_tokens": 64}))
     assert again.documents.unchanged == 8 and again.generation == 2 and not again.switched
     # retention: a third generation drops the first (keep_generations=1)
-    ingest(_params(corpus, db, chunking={"chunk_tokens": 96}, reindex=True))
+    run_ingest(_params(corpus, db, chunking={"chunk_tokens": 96}, reindex=True))
     assert [(g.number, g.status) for g in Store(str(db)).generations()] == [
         (2, "retired"),
         (3, "live"),
@@ -88,13 +88,13 @@ def test_reindex_builds_beside_the_live_generation_and_switches(corpus, tmp_path
 
 def test_rollback_to_the_previous_generation(corpus, tmp_path, cli_env):
     db = str(tmp_path / "db")
-    ingest(_params(corpus, db))
-    ingest(_params(corpus, db, chunking={"chunk_tokens": 48}, reindex=True))
+    run_ingest(_params(corpus, db))
+    run_ingest(_params(corpus, db, chunking={"chunk_tokens": 48}, reindex=True))
     out = run_cli(cli_env, "generations", "--table", db, "--activate", "1")
     assert "generation 1 is live" in out.stdout
     assert Store(db).generation.number == 1
     # the old settings are the live ones again
-    assert ingest(_params(corpus, db)).documents.unchanged == 8
+    assert run_ingest(_params(corpus, db)).documents.unchanged == 8
 
 
 # ---- sources and deletions -----------------------------------------------------------------
@@ -107,17 +107,17 @@ def test_two_sources_in_one_table_each_deletes_only_its_own(corpus, tmp_path, mo
     (other / "bikes.md").write_text("# Bikes\n\nBike storage is in the basement.\n")
     (other / "lunch.md").write_text("# Lunch\n\nThe canteen serves lunch from noon.\n")
     db = tmp_path / "db"
-    ingest(_params(corpus, db))
-    second = ingest(_params(other, db))
+    run_ingest(_params(corpus, db))
+    second = run_ingest(_params(other, db))
     assert second.documents.new == 3 and second.documents.deleted == 0
     (other / "bikes.md").unlink()
-    third = ingest(_params(other, db))
+    third = run_ingest(_params(other, db))
     assert third.documents.deleted == 1
     store = Store(str(db))
     assert store.sources() == sorted([str(corpus.resolve()), str(other.resolve())])
     # `corpus`, `./corpus/` and its absolute path are one source
     monkeypatch.chdir(tmp_path)
-    again = ingest(_params("./corpus/", db))
+    again = run_ingest(_params("./corpus/", db))
     assert again.documents.unchanged == 8 and again.documents.new == 0
     assert again.source == str(corpus.resolve())
     runs = store.table(RUNS).search().limit(None).to_arrow().to_pylist()
@@ -128,40 +128,40 @@ def test_two_sources_in_one_table_each_deletes_only_its_own(corpus, tmp_path, mo
 
 def test_an_emptied_or_vanished_source_is_refused_and_nothing_written(corpus, tmp_path):
     db = tmp_path / "db"
-    ingest(_params(corpus, db))
+    run_ingest(_params(corpus, db))
     before = _versions(db)
     moved = tmp_path / "moved"
     shutil.move(corpus, moved)
     with pytest.raises(SourceError, match="cannot be opened"):
-        ingest(_params(corpus, db))
+        run_ingest(_params(corpus, db))
     corpus.mkdir()  # a mount point left empty
     with pytest.raises(DeletionRefusedError, match="--max-delete-fraction 1"):
-        ingest(_params(corpus, db))
+        run_ingest(_params(corpus, db))
     for sub in ("guides", "ko"):
         shutil.copytree(moved / sub, corpus / sub)  # 6 of 8: deleting 2 is allowed
     shutil.copytree(moved / "reports", tmp_path / "reports-away")
     # more than half gone: refused
     shutil.rmtree(corpus / "guides")
     with pytest.raises(DeletionRefusedError, match="would delete 5 of the 8"):
-        ingest(_params(corpus, db))
+        run_ingest(_params(corpus, db))
     assert _versions(db) == before
     # confirmed deletions go through
-    confirmed = ingest(_params(corpus, db, max_delete_fraction=1.0))
+    confirmed = run_ingest(_params(corpus, db, max_delete_fraction=1.0))
     assert confirmed.documents.deleted == 5
 
 
 def test_an_incomplete_listing_deletes_nothing(corpus, tmp_path):
     db = tmp_path / "db"
-    ingest(_params(corpus, db))
+    run_ingest(_params(corpus, db))
     (corpus / "guides" / "coffee.txt").unlink()
     os.symlink(tmp_path / "unmounted" / "notes.md", corpus / "guides" / "notes.md")
-    report = ingest(_params(corpus, db))
+    report = run_ingest(_params(corpus, db))
     assert not report.listing_complete
     assert report.documents.deleted == 0
     assert any("broken symlink" in f.error for f in report.listing_errors)
     assert Store(str(db)).chunks_table().count_rows("doc_id = 'guides/coffee.txt'") > 0
     (corpus / "guides" / "notes.md").unlink()
-    fixed = ingest(_params(corpus, db))
+    fixed = run_ingest(_params(corpus, db))
     # coffee.txt, and the broken link's own failed entry
     assert fixed.listing_complete and fixed.documents.deleted == 2
     assert Store(str(db)).chunks_table().count_rows("doc_id = 'guides/coffee.txt'") == 0
@@ -175,18 +175,18 @@ def test_links_outside_the_source_are_not_followed_unless_asked(corpus, tmp_path
     os.symlink(outside, corpus / "private")
     (corpus / "guides" / "alias.md").symlink_to(corpus / "guides" / "setup.md")  # inside: kept
     db = tmp_path / "db"
-    report = ingest(_params(corpus, db))
+    report = run_ingest(_params(corpus, db))
     docs = Store(str(db)).document_ids()
     assert "guides/salaries.md" not in docs and "private/salaries.md" not in docs
     assert "guides/alias.md" in docs
     assert report.skipped_links == 2
-    followed = ingest(_params(corpus, db, source={"follow_external_links": True}))
+    followed = run_ingest(_params(corpus, db, source={"follow_external_links": True}))
     assert followed.documents.new == 2
 
 
 def test_verify_finds_an_edit_that_kept_size_and_time(corpus, tmp_path):
     db = tmp_path / "db"
-    ingest(_params(corpus, db))
+    run_ingest(_params(corpus, db))
     path = corpus / "guides" / "coffee.txt"
     st = path.stat()
     text = path.read_text()
@@ -194,8 +194,8 @@ def test_verify_finds_an_edit_that_kept_size_and_time(corpus, tmp_path):
     assert len(edited) == len(text) and edited != text
     path.write_text(edited)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert ingest(_params(corpus, db)).documents.unchanged == 8  # invisible by size and time
-    verified = ingest(_params(corpus, db, verify=True))
+    assert run_ingest(_params(corpus, db)).documents.unchanged == 8  # invisible by size and time
+    verified = run_ingest(_params(corpus, db, verify=True))
     assert verified.documents.changed == 1 and verified.documents.unchanged == 7
     assert verified.chunks.embedded >= 1
     hits = Store(str(db)).chunks_table().search().where("doc_id = 'guides/coffee.txt'")

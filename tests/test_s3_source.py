@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.ingest import ingest
+from flows.ingest import run_ingest
 from tasks.errors import SourceError
 from tasks.settings import IngestParams
 from tasks.store import CHUNKS, Store
@@ -53,7 +53,7 @@ def _params(uri: str, endpoint: str, db) -> IngestParams:
 def test_bucket_ingest_incremental_and_failed_listing(s3, tmp_path, caplog):
     fs, endpoint = s3
     db = tmp_path / "db"
-    first = ingest(_params("s3://docs-bucket/corpus", endpoint, db))
+    first = run_ingest(_params("s3://docs-bucket/corpus", endpoint, db))
     assert first.documents.new == 8 and first.documents.failed == 0
     store = Store(str(db))
     docs = set(
@@ -71,13 +71,13 @@ def test_bucket_ingest_incremental_and_failed_listing(s3, tmp_path, caplog):
     fs.pipe(
         "docs-bucket/corpus/guides/new.txt", b"Bike storage is in the basement, level minus two."
     )
-    second = ingest(_params("s3://docs-bucket/corpus", endpoint, db))
+    second = run_ingest(_params("s3://docs-bucket/corpus", endpoint, db))
     assert (second.documents.new, second.documents.deleted, second.documents.unchanged) == (1, 1, 7)
     assert store.table(CHUNKS).count_rows("doc_id = 'guides/coffee.txt'") == 0
 
     rows_before = store.table(CHUNKS).count_rows()
     with pytest.raises(SourceError):
-        ingest(_params("s3://no-such-bucket/corpus", endpoint, db))
+        run_ingest(_params("s3://no-such-bucket/corpus", endpoint, db))
     assert store.table(CHUNKS).count_rows() == rows_before  # nothing deleted
 
     # the secret key appears nowhere: not in reports, tables or logs

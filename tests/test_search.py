@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.ingest import ingest
+from flows.ingest import run_ingest
 from tasks.errors import TableError
 from tasks.search import search
 from tasks.settings import IngestParams
@@ -19,7 +19,7 @@ def sample_store(tmp_path_factory):
     from .conftest import SAMPLES
 
     db = tmp_path_factory.mktemp("search") / "db"
-    ingest(
+    run_ingest(
         IngestParams.model_validate({"source": {"uri": str(SAMPLES)}, "store": {"uri": str(db)}})
     )
     return Store(str(db))

@@ -1,0 +1,127 @@
+"""One writer per table: a Prefect global concurrency limit keyed by the table's location.
+
+Every flow that writes a table (ingest, maintain, a rollback) holds the table's slot for its
+whole run, also when started from the CLI: two writers of one table queue, writers of
+different tables run in parallel. The slot is held under a lease that the holder renews while
+it runs; a holder that dies stops renewing and the server frees the slot when the lease runs
+out (LANCEFLOW_LOCK_LEASE_SECONDS, default 300, at least 60), so a crashed night does not
+block the next.
+
+Without a Prefect server (PREFECT_API_URL unset: the CLI's temporary local API) there is no
+server to expire a dead holder's lease, so the slot is an OS file lock instead
+(LANCEFLOW_CACHE_DIR/locks): it serializes the writers of one machine and is released by the
+kernel when its process dies. LANCEFLOW_TABLE_LOCK=prefect|local|auto chooses (auto: prefect
+when PREFECT_API_URL is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+LOCK_PREFIX = "lanceflow-table-"
+DEFAULT_LEASE_SECONDS = 300.0
+
+#: the table slots this flow run (and its subflows, which share the context) already holds
+_held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "lanceflow_table_locks", default=frozenset()
+)
+
+
+def table_location(uri: str) -> str:
+    """One spelling per table: an absolute, resolved path, or the URL without a trailing '/'."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    path = uri.removeprefix("file://")
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def lock_name(uri: str) -> str:
+    """The global concurrency limit of one table (a hash: no path or bucket in the name)."""
+    digest = hashlib.sha256(table_location(uri).encode()).hexdigest()[:16]
+    return LOCK_PREFIX + digest
+
+
+def lease_seconds() -> float:
+    raw = os.environ.get("LANCEFLOW_LOCK_LEASE_SECONDS", "")
+    try:
+        return max(float(raw), 60.0) if raw else DEFAULT_LEASE_SECONDS
+    except ValueError:
+        return DEFAULT_LEASE_SECONDS
+
+
+def lock_mode() -> str:
+    mode = os.environ.get("LANCEFLOW_TABLE_LOCK", "auto").strip().lower()
+    if mode in ("prefect", "local"):
+        return mode
+    from prefect.settings import PREFECT_API_URL
+
+    return "prefect" if PREFECT_API_URL.value() else "local"
+
+
+@contextlib.contextmanager
+def _file_lock(name: str) -> Iterator[None]:
+    import fcntl
+
+    from tasks.embedders.local import cache_dir
+
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_limit(name: str) -> None:
+    """Create the table's limit (one slot) on first use; an existing one is left as it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+            )
+            log.info("created concurrency limit %s", name)
+        except ObjectAlreadyExists:  # another writer created it first
+            pass
+
+
+@contextlib.contextmanager
+def table_lock(uri: str, holder: str = "lanceflow") -> Iterator[str]:
+    """Hold the table's slot for the block; re-entrant within one flow run and its subflows."""
+    from prefect.concurrency.sync import concurrency
+
+    name = lock_name(uri)
+    held = _held.get()
+    if name in held:
+        yield name
+        return
+    log.info("waiting for the write slot of %s (%s)", table_location(uri), name)
+    if lock_mode() == "local":
+        slot: contextlib.AbstractContextManager[None] = _file_lock(name)
+    else:
+        ensure_limit(name)
+        slot = concurrency(name, occupy=1, lease_duration=lease_seconds(), strict=True)
+    with slot:
+        token = _held.set(held | {name})
+        log.info("%s holds the write slot of %s", holder, table_location(uri))
+        try:
+            yield name
+        finally:
+            _held.reset(token)

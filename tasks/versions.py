@@ -1,0 +1,247 @@
+"""Version tags and rollback: the last good version of a table, one command away.
+
+Every successful ingest tags the LanceDB versions it produced (the generation's chunks and
+documents tables, one tag name for both) and records the tag in the `version_tags` table.
+`rollback` restores a tagged pair of versions; the restore is itself a new version, so it can
+be undone with another rollback `--to` the later tag. Without `--to` it goes one tag back from
+where the table stands (the latest tag, or the tag the last rollback restored), so repeating
+it steps further back.
+
+Lance keeps tagged versions through cleanup (tasks.store.keep_tagged); `prune_tags` drops the
+tags the maintenance flow no longer needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from tasks import generations
+from tasks.errors import ConfigurationError
+from tasks.store import Store, sql_str
+
+log = logging.getLogger(__name__)
+
+VERSION_TAGS = "version_tags"
+INGEST = "ingest"
+ROLLBACK = "rollback"
+
+VERSION_TAGS_SCHEMA = pa.schema(
+    [
+        pa.field("tag", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # ingest | rollback
+        pa.field("generation", pa.int64()),
+        pa.field("chunks_table", pa.string()),
+        pa.field("chunks_version", pa.int64()),
+        pa.field("documents_table", pa.string()),
+        pa.field("documents_version", pa.int64()),
+        pa.field("run_id", pa.string()),
+        pa.field("restored", pa.string()),  # rollback: the tag it restored
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    tag: str
+    kind: str
+    generation: int
+    chunks_table: str
+    chunks_version: int
+    documents_table: str
+    documents_version: int
+    run_id: str
+    restored: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TagRow:
+        values: dict[str, Any] = {k: row.get(k) for k in cls.__dataclass_fields__}
+        return cls(**values)
+
+
+def _table(store: Store) -> Any:
+    return store._ensure(VERSION_TAGS, VERSION_TAGS_SCHEMA)
+
+
+def history(store: Store) -> list[TagRow]:
+    """Every tag and rollback of the table, oldest first."""
+    if not store.has(VERSION_TAGS):
+        return []
+    rows = _table(store).to_arrow().to_pylist()
+    rows.sort(key=lambda r: (r["created_at"], r["kind"] == ROLLBACK))
+    return [TagRow.from_row(r) for r in rows]
+
+
+def ingest_tags(store: Store) -> list[TagRow]:
+    return [r for r in history(store) if r.kind == INGEST]
+
+
+def _tag_name(run_id: str, when: datetime) -> str:
+    return f"ingest-{when.strftime('%Y%m%dT%H%M%SZ')}-{run_id.replace('-', '')[:8]}"
+
+
+def tag_version(store: Store, run_id: str) -> str:
+    """Tag the generation's current chunks and documents versions; a version already tagged
+    by an earlier run (a run that changed nothing) keeps its tag, which is returned."""
+    if not store.has_chunks():
+        return ""
+    chunks = store.table(store.chunks_name)
+    docs = store.documents()
+    chunks_version, docs_version = int(chunks.version), int(docs.version)
+    for row in reversed(history(store)):
+        if (
+            row.chunks_table == store.chunks_name
+            and row.chunks_version == chunks_version
+            and row.documents_version == docs_version
+        ):
+            # unchanged since a tag, or since a rollback restored one
+            name = row.tag if row.kind == INGEST else row.restored
+            if name and name in chunks.tags.list():
+                return name
+    now = datetime.now(UTC)
+    name = _tag_name(run_id, now)
+    chunks.tags.create(name, chunks_version)
+    docs.tags.create(name, docs_version)
+    _table(store).add(
+        pa.Table.from_pylist(
+            [
+                {
+                    "tag": name,
+                    "kind": INGEST,
+                    "generation": store.generation_number,
+                    "chunks_table": store.chunks_name,
+                    "chunks_version": chunks_version,
+                    "documents_table": store.documents_name,
+                    "documents_version": docs_version,
+                    "run_id": run_id,
+                    "restored": None,
+                    "created_at": now,
+                }
+            ],
+            schema=VERSION_TAGS_SCHEMA,
+        )
+    )
+    log.info("tagged %s: chunks v%d, documents v%d", name, chunks_version, docs_version)
+    return name
+
+
+def current_tag(store: Store) -> str | None:
+    """The tag the table stands at: the last rollback's target, else the latest ingest tag."""
+    rows = history(store)
+    if not rows:
+        return None
+    last = rows[-1]
+    return last.restored if last.kind == ROLLBACK else last.tag
+
+
+def rollback_target(store: Store, to: str | None) -> TagRow:
+    """The tag `--to` names, or the ingest tag before the one the table stands at."""
+    tags = ingest_tags(store)
+    if not tags:
+        raise ConfigurationError(
+            f"no tagged versions in {store.uri!r}: a successful ingest tags the version it "
+            "produces; there is nothing to roll back to yet"
+        )
+    if to is not None:
+        chosen = next((t for t in tags if t.tag == to), None)
+        if chosen is None:
+            raise ConfigurationError(
+                f"no tag {to!r} in {store.uri!r}; the tags are: "
+                + ", ".join(t.tag for t in tags[-10:])
+                + f" (`lanceflow rollback --table {store.uri} --list` shows them all)"
+            )
+        return chosen
+    current = current_tag(store)
+    names = [t.tag for t in tags]
+    position = names.index(current) if current in names else len(tags) - 1
+    if position == 0:
+        raise ConfigurationError(
+            f"{store.uri!r} stands at its oldest tag {names[0]!r}: nothing earlier to roll back to"
+        )
+    return tags[position - 1]
+
+
+def rollback(store: Store, to: str | None = None) -> TagRow:
+    """Restore the chunks and documents tables of a tagged version (new versions, so the
+    rollback can itself be undone); switch generation when the tag belongs to another one."""
+    target = rollback_target(store, to)
+    if not store.has(target.chunks_table) or not store.has(target.documents_table):
+        raise ConfigurationError(
+            f"the tables of tag {target.tag!r} (generation {target.generation}) were dropped; "
+            "choose a later tag with --to"
+        )
+    gens = store.generations()
+    live = generations.live(gens)
+    if live is not None and live.number != target.generation:
+        chosen = next((g for g in gens if g.number == target.generation), None)
+        if chosen is None:
+            raise ConfigurationError(
+                f"generation {target.generation} of tag {target.tag!r} is gone; choose a "
+                "later tag with --to"
+            )
+        generations.switch(store.db, chosen, live)
+        log.info("generation %d is live again", chosen.number)
+    for name in (target.chunks_table, target.documents_table):
+        tbl = store.db.open_table(name)
+        tbl.restore(target.tag)
+    now = datetime.now(UTC)
+    view = Store(store.uri, _db=store.db)
+    _table(store).add(
+        pa.Table.from_pylist(
+            [
+                {
+                    "tag": f"rollback-{now.strftime('%Y%m%dT%H%M%S%fZ')}",
+                    "kind": ROLLBACK,
+                    "generation": target.generation,
+                    "chunks_table": target.chunks_table,
+                    "chunks_version": int(view.db.open_table(target.chunks_table).version),
+                    "documents_table": target.documents_table,
+                    "documents_version": int(view.db.open_table(target.documents_table).version),
+                    "run_id": "",
+                    "restored": target.tag,
+                    "created_at": now,
+                }
+            ],
+            schema=VERSION_TAGS_SCHEMA,
+        )
+    )
+    return target
+
+
+def tag_of_version(store: Store, chunks_table: str, chunks_version: int) -> str | None:
+    """The ingest tag of one chunks version, or None."""
+    for row in reversed(history(store)):
+        if row.chunks_table == chunks_table and row.chunks_version == chunks_version:
+            return row.tag if row.kind == INGEST else row.restored
+    return None
+
+
+def prune_tags(store: Store, keep: int, protect: set[str]) -> list[str]:
+    """Drop all but the newest `keep` ingest tags, never one in `protect` (the last good
+    one, the one the table stands at). Their versions become eligible for cleanup."""
+    tags = ingest_tags(store)
+    protected = protect | {t.tag for t in tags[-keep:]}
+    current = current_tag(store)
+    if current:
+        protected.add(current)
+    removed = []
+    for row in tags:
+        if row.tag in protected:
+            continue
+        for name in (row.chunks_table, row.documents_table):
+            if store.has(name):
+                tbl = store.table(name)
+                if row.tag in tbl.tags.list():
+                    tbl.tags.delete(row.tag)
+        removed.append(row.tag)
+    if removed:
+        _table(store).delete(
+            f"kind = 'ingest' AND tag IN ({', '.join(sql_str(t) for t in removed)})"
+        )
+    return removed

@@ -424,7 +424,10 @@ def _generations(args: argparse.Namespace) -> int:
         if current is not None and current.number == chosen.number:
             print(f"generation {chosen.number} is already live")
             return 0
-        generations.switch(store.db, chosen, current)
+        from tasks.locking import table_lock
+
+        with table_lock(args.table, holder="generations --activate"):
+            generations.switch(store.db, chosen, current)
         print(f"generation {chosen.number} is live now")
         gens = store.generations()
     rows: list[dict[str, Any]] = [

@@ -191,7 +191,6 @@ def rollback(store: Store, to: str | None = None) -> TagRow:
         tbl = store.db.open_table(name)
         tbl.restore(target.tag)
     now = datetime.now(UTC)
-    view = Store(store.uri, _db=store.db)
     _table(store).add(
         pa.Table.from_pylist(
             [
@@ -200,9 +199,9 @@ def rollback(store: Store, to: str | None = None) -> TagRow:
                     "kind": ROLLBACK,
                     "generation": target.generation,
                     "chunks_table": target.chunks_table,
-                    "chunks_version": int(view.db.open_table(target.chunks_table).version),
+                    "chunks_version": int(store.db.open_table(target.chunks_table).version),
                     "documents_table": target.documents_table,
-                    "documents_version": int(view.db.open_table(target.documents_table).version),
+                    "documents_version": int(store.db.open_table(target.documents_table).version),
                     "run_id": "",
                     "restored": target.tag,
                     "created_at": now,

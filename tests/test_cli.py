@@ -134,3 +134,13 @@ def test_crash_mid_run_then_rerun_converges(tmp_path, cli_env):
         gdoc, gtext, gvec = got_chunks[cid]
         assert (gdoc, gtext) == (doc, text)
         np.testing.assert_array_equal(gvec, vec)  # bit for bit
+
+
+def test_prepare_model_resolves_and_exports_the_bundled_model_for_an_image(tmp_path):
+    """What the Dockerfile's build step runs: no ingest, the model's revision hashed and its
+    int8 ONNX file exported into LANCEFLOW_CACHE_DIR, so a worker starts at once."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(REPO), LANCEFLOW_CACHE_DIR=str(cache))
+    out = run_cli(env, "prepare-model")
+    assert "onnx-int8" in out.stdout and "384 dimensions" in out.stdout
+    assert list(cache.glob("onnx/*/model_int8.onnx")), sorted(cache.rglob("*"))

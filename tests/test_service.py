@@ -589,3 +589,66 @@ def test_serve_declares_the_same_deployments_as_prefect_yaml():
     assert trigger["parameters"] == AFTER_INGEST["parameters"]
     assert trigger["match_related"] == AFTER_INGEST["match_related"]
     assert trigger["expect"] == AFTER_INGEST["expect"]
+
+
+def test_lanceflow_serve_runs_the_deployments_without_a_worker(deployed: Deployed, tmp_path: Path):
+    """`lanceflow serve` (last: it takes over the deployment names): a run started from the
+    API is executed by the serve process, and its trigger starts the evaluation."""
+    server = deployed.server
+    table = tmp_path / "served-table"
+    log = tmp_path / "serve.log"
+    env = dict(server.env, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--source",
+                str(deployed.source),
+                "--table",
+                str(table),
+                "--dataset",
+                str(deployed.dataset),
+                "--timezone",
+                "Europe/Berlin",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 120
+        dep: dict[str, Any] = {}
+        with server.client() as c:
+            while time.time() < deadline:
+                r = c.get("/deployments/name/ingest/nightly")
+                dep = r.json() if r.status_code == 200 else {}
+                if dep and not dep.get("work_pool_name"):
+                    break
+                time.sleep(1)
+        assert dep and not dep.get("work_pool_name"), log.read_text()[-3000:]
+        assert dep["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
+        with server.client() as c:
+            manual = c.get("/deployments/name/ingest/manual").json()["id"]
+            after = c.get("/deployments/name/evaluate/after-ingest").json()["id"]
+        run_id = ui_run(server, manual, {"embedder": {"kind": "hash"}})
+        wait_final(server, run_id, log)
+        assert json.loads(run_rows(table)[-1]["report"])["documents"]["new"] == 8
+        deadline = time.time() + 180
+        evals: list[dict[str, Any]] = []
+        while time.time() < deadline and not evals:
+            evals = runs_of(server, after)
+            time.sleep(1)
+        assert evals, "serve's trigger started no evaluation\n" + log.read_text()[-3000:]
+        ev = wait_final(server, evals[0]["id"], log)
+        assert ev["parameters"]["table"] == str(table)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

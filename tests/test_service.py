@@ -41,6 +41,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    """A long-running subprocess in its own process group, its output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @dataclass
 class Server:
     api: str
@@ -50,7 +66,21 @@ class Server:
     log: Path
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api, timeout=30)
+        return httpx.Client(base_url=self.api, timeout=30, transport=_Retrying())
+
+
+class _Retrying(httpx.HTTPTransport):
+    """Retries a 503, as Prefect's own client does: the server's SQLite database answers
+    'database is locked' now and then while several flow runs write to it at once."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(12):
+            response = super().handle_request(request)
+            if response.status_code != 503 or attempt == 11:
+                return response
+            response.close()
+            time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
 
 def _server_env(home: Path, api: str) -> dict[str, str]:
@@ -69,9 +99,8 @@ def _server_env(home: Path, api: str) -> dict[str, str]:
         PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="1",
         PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="2",
         PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS="600",
-        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_QUERY_SECONDS="2",
         PREFECT_WORKER_PREFETCH_SECONDS="1",
-        PREFECT_WORKER_HEARTBEAT_SECONDS="5",
         PYTHONPATH=str(REPO),
         DO_NOT_TRACK="1",
     )
@@ -85,14 +114,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
     api = f"http://127.0.0.1:{port}/api"
     env = _server_env(home, api)
     log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = _start(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -106,11 +130,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
             time.sleep(0.5)
         yield Server(api, f"http://127.0.0.1:{port}", env, home, log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
 
 
 def _run(
@@ -183,23 +203,23 @@ def deployed(server: Server, tmp_path_factory) -> Deployed:
 def worker(deployed: Deployed) -> Iterator[Path]:
     server = deployed.server
     log = server.home / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "lanceflow", "--type", "process"],
-            env=server.env,
-            cwd=server.home,  # not the checkout: the deployment's pull step finds it
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # started outside the checkout: the deployment's pull step finds it
+    proc = _start(
+        [PREFECT, "worker", "start", "--pool", "lanceflow", "--type", "process"],
+        server.env,
+        log,
+        cwd=server.home,
+    )
+    _WORKERS.append(proc)
     try:
         yield log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            _stop(proc)
+
+
+#: the worker processes, for the serve test to stop (no worker may take its runs)
+_WORKERS: list[subprocess.Popen] = []
 
 
 # ---- API helpers: the same calls the UI makes ----------------------------------------------
@@ -595,42 +615,33 @@ def test_lanceflow_serve_runs_the_deployments_without_a_worker(deployed: Deploye
     """`lanceflow serve` (last: it takes over the deployment names): a run started from the
     API is executed by the serve process, and its trigger starts the evaluation."""
     server = deployed.server
+    for proc in _WORKERS:
+        if proc.poll() is None:
+            _stop(proc)
+    # the worker deployments go: serve registers its own under the same names
+    with server.client() as c:
+        for dep_id in deployed.ids.values():
+            assert c.delete(f"/deployments/{dep_id}").status_code in (200, 204)
+    names = ("ingest/nightly", "ingest/manual", "evaluate/after-ingest", "maintain/weekly")
     table = tmp_path / "served-table"
     log = tmp_path / "serve.log"
     env = dict(server.env, PREFECT_RUNNER_POLL_FREQUENCY="1")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "serve",
-                "--source",
-                str(deployed.source),
-                "--table",
-                str(table),
-                "--dataset",
-                str(deployed.dataset),
-                "--timezone",
-                "Europe/Berlin",
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    args = ["serve", "--source", str(deployed.source), "--table", str(table)]
+    args += ["--dataset", str(deployed.dataset), "--timezone", "Europe/Berlin"]
+    proc = _start([sys.executable, "-m", "flows.cli", *args], env, log)
     try:
         deadline = time.time() + 120
-        dep: dict[str, Any] = {}
+        now: dict[str, Any] = {}
         with server.client() as c:
             while time.time() < deadline:
-                r = c.get("/deployments/name/ingest/nightly")
-                dep = r.json() if r.status_code == 200 else {}
-                if dep and not dep.get("work_pool_name"):
+                found = {n: c.get(f"/deployments/name/{n}") for n in names}
+                now = {n: r.json() for n, r in found.items() if r.status_code == 200}
+                if len(now) == len(names):
                     break
                 time.sleep(1)
-        assert dep and not dep.get("work_pool_name"), log.read_text()[-3000:]
+            else:
+                raise AssertionError("serve registered nothing\n" + log.read_text()[-3000:])
+        dep = now["ingest/nightly"]
         assert dep["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
         with server.client() as c:
             manual = c.get("/deployments/name/ingest/manual").json()["id"]
@@ -647,8 +658,4 @@ def test_lanceflow_serve_runs_the_deployments_without_a_worker(deployed: Deploye
         ev = wait_final(server, evals[0]["id"], log)
         assert ev["parameters"]["table"] == str(table)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)

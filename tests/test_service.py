@@ -399,9 +399,12 @@ def test_ui_run_with_only_table_overridden_then_the_trigger_evaluates_it(
     assert rows[-1]["tag"] == tag  # nothing new to tag
     timeline = {s["type"]: _ts(s["timestamp"]) for s in states(server, again)}
     picked_up = timeline.get("PENDING") or timeline["RUNNING"]
-    seconds = (timeline["COMPLETED"] - picked_up).total_seconds()
+    started = (timeline["RUNNING"] - picked_up).total_seconds()
+    ran = (timeline["COMPLETED"] - timeline["RUNNING"]).total_seconds()
     print(
-        f"\nno-change ingest under a real server: {seconds:.1f} s from Pending to Completed",
+        f"\nno-change ingest under a real server: {started + ran:.1f} s from the worker "
+        f"picking it up (Pending) to Completed: {started:.1f} s starting the flow process, "
+        f"{ran:.1f} s running; model loaded: {last['model_loaded']}",
         file=sys.stderr,
     )
     _disable_trigger(server)

@@ -41,9 +41,9 @@ test: install browser
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get install -y -q chromium >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
-	    && echo "installed chromium"; \
+	    { (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	       (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	      && echo "installed chromium" || echo "could not install chromium: the browser test will say so"; }; \
 	  else echo "no chromium: the browser test will be skipped (apt-get install chromium)"; fi; }
 
 # deploy the four deployments to the server PREFECT_API_URL names (see README: operating it)
@@ -69,4 +69,4 @@ bench: install
 	$(PY) benchmarks/openai_ratelimit.py
 
 clean:
-	rm -rf .demo-lancedb .prefect-demo lancedb .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo-lancedb .prefect-demo .pytest_cache .mypy_cache .ruff_cache build/test-artifacts

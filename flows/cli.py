@@ -311,9 +311,14 @@ def _ingest(args: argparse.Namespace) -> int:
         return 0
     code = 0
     try:
+        from tasks.locking import table_lock
         from tasks.runs import quick_check
 
-        report = None if args.always_flow else quick_check(params)
+        report = None
+        if not args.always_flow:
+            # the no-change check records a run: it too holds the table's write slot
+            with table_lock(params.store.uri, holder="ingest (no-change check)"):
+                report = quick_check(params)
         if report is None:
             from flows.ingest import run_ingest
 
@@ -580,7 +585,7 @@ def _maintain_parser(sub: Any) -> None:
     )
     p.add_argument("--table", default=DEFAULT_DB_URI, help="LanceDB directory")
     p.add_argument("--source", default="", help="the source to verify against (empty: no verify)")
-    p.add_argument("--retention-days", type=float, default=14.0, help="version retention")
+    p.add_argument("--retention-days", type=float, default=7.0, help="version retention (days)")
     p.add_argument("--keep-tags", type=int, default=14, help="ingest tags kept for rollback")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -635,8 +640,16 @@ def _serve_parser(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.service import serve_all
+    from prefect.settings import PREFECT_API_URL
 
+    from flows.service import serve_all
+    from tasks.errors import ConfigurationError
+
+    if not PREFECT_API_URL.value():
+        raise ConfigurationError(
+            "serve needs a Prefect server to register its schedules with: start one with "
+            "`prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     serve_all(
         os.path.abspath(args.source) if "://" not in args.source else args.source,
         os.path.abspath(args.table) if "://" not in args.table else args.table,

@@ -96,6 +96,10 @@ class TableError(LanceflowError):
     """The LanceDB table is missing or unusable."""
 
 
+class TableBusyError(LanceflowError):
+    """Another run kept the table's write slot past the wait limit."""
+
+
 class TooManyFailuresError(LanceflowError):
     """More documents failed than the run's threshold allows.
 

@@ -7,11 +7,18 @@ it runs; a holder that dies stops renewing and the server frees the slot when th
 out (LANCEFLOW_LOCK_LEASE_SECONDS, default 300, at least 60), so a crashed night does not
 block the next.
 
-Without a Prefect server (PREFECT_API_URL unset: the CLI's temporary local API) there is no
-server to expire a dead holder's lease, so the slot is an OS file lock instead
-(LANCEFLOW_CACHE_DIR/locks): it serializes the writers of one machine and is released by the
-kernel when its process dies. LANCEFLOW_TABLE_LOCK=prefect|local|auto chooses (auto: prefect
-when PREFECT_API_URL is set).
+Every writer also takes an OS file lock (LANCEFLOW_CACHE_DIR/locks), released by the kernel
+when its process dies. Without a Prefect server (PREFECT_API_URL unset: the CLI's temporary
+local API, where nothing expires a dead holder's lease) that file lock is the only one; with a
+server it also keeps a CLI run without PREFECT_API_URL on the same machine from overlapping a
+worker's run. LANCEFLOW_TABLE_LOCK=prefect|local|auto chooses (auto: prefect when
+PREFECT_API_URL is set).
+
+A writer waits for the slot at most LANCEFLOW_LOCK_WAIT_SECONDS (default 6 hours), then fails
+with a message naming the limit: a Prefect server restarted with in-memory lease storage (the
+default) forgets its leases and leaves the slot taken; `prefect gcl update NAME
+--active-slots 0` frees it, and PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=
+prefect.server.concurrency.lease_storage.filesystem keeps leases across restarts.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import contextvars
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterator
+
+from tasks.errors import TableBusyError
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +66,33 @@ def lease_seconds() -> float:
         return DEFAULT_LEASE_SECONDS
 
 
+DEFAULT_WAIT_SECONDS = 6 * 3600.0
+
+
+def wait_seconds() -> float:
+    raw = os.environ.get("LANCEFLOW_LOCK_WAIT_SECONDS", "")
+    try:
+        return max(float(raw), 1.0) if raw else DEFAULT_WAIT_SECONDS
+    except ValueError:
+        return DEFAULT_WAIT_SECONDS
+
+
 def lock_mode() -> str:
     mode = os.environ.get("LANCEFLOW_TABLE_LOCK", "auto").strip().lower()
     if mode in ("prefect", "local"):
         return mode
+    if os.environ.get("PREFECT_API_URL"):
+        return "prefect"
+    home = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
+    if not os.path.exists(os.path.join(home, "profiles.toml")):
+        return "local"  # no profile can name a server: no need to import Prefect to know
     from prefect.settings import PREFECT_API_URL
 
     return "prefect" if PREFECT_API_URL.value() else "local"
 
 
 @contextlib.contextmanager
-def _file_lock(name: str) -> Iterator[None]:
+def _file_lock(name: str, location: str, deadline: float) -> Iterator[None]:
     import fcntl
 
     from tasks.embedders.local import cache_dir
@@ -74,11 +100,45 @@ def _file_lock(name: str) -> Iterator[None]:
     folder = cache_dir() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{name}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TableBusyError(
+                        f"{location} is being written by another process on this machine "
+                        f"(file lock {fh.name}); waited {wait_seconds():.0f} s "
+                        "(LANCEFLOW_LOCK_WAIT_SECONDS)"
+                    ) from None
+                time.sleep(0.5)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _prefect_slot(name: str, location: str, deadline: float) -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+
+    ensure_limit(name)
+    try:
+        with concurrency(
+            name,
+            occupy=1,
+            lease_duration=lease_seconds(),
+            strict=True,
+            timeout_seconds=max(deadline - time.monotonic(), 1.0),
+        ):
+            yield
+    except TimeoutError as exc:
+        raise TableBusyError(
+            f"{location} stayed busy for {wait_seconds():.0f} s (Prefect concurrency limit "
+            f"{name}). If no run is writing it (a server restart forgets the leases of "
+            f"in-memory lease storage), free the slot: `prefect gcl update {name} "
+            "--active-slots 0`"
+        ) from exc
 
 
 def ensure_limit(name: str) -> None:
@@ -105,20 +165,18 @@ def ensure_limit(name: str) -> None:
 @contextlib.contextmanager
 def table_lock(uri: str, holder: str = "lanceflow") -> Iterator[str]:
     """Hold the table's slot for the block; re-entrant within one flow run and its subflows."""
-    from prefect.concurrency.sync import concurrency
-
     name = lock_name(uri)
     held = _held.get()
     if name in held:
         yield name
         return
-    log.info("waiting for the write slot of %s (%s)", table_location(uri), name)
-    if lock_mode() == "local":
-        slot: contextlib.AbstractContextManager[None] = _file_lock(name)
-    else:
-        ensure_limit(name)
-        slot = concurrency(name, occupy=1, lease_duration=lease_seconds(), strict=True)
-    with slot:
+    location = table_location(uri)
+    log.info("waiting for the write slot of %s (%s)", location, name)
+    deadline = time.monotonic() + wait_seconds()
+    with contextlib.ExitStack() as stack:
+        if lock_mode() == "prefect":
+            stack.enter_context(_prefect_slot(name, location, deadline))
+        stack.enter_context(_file_lock(name, location, deadline))
         token = _held.set(held | {name})
         log.info("%s holds the write slot of %s", holder, table_location(uri))
         try:

@@ -7,6 +7,7 @@ cleanup stops at the oldest kept tag (tasks.store.keep_tagged).
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tasks.settings import MaintainSettings
 from tasks.store import EVALUATIONS, Store, optimize
-from tasks.versions import prune_tags
+from tasks.versions import prune_tags, record_same_content
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,30 @@ def last_good_tags(store: Store) -> set[str]:
     return set(good.values())
 
 
-def _drift(store: Store, rows: int) -> float:
-    """Rows added or removed since the vector index was last retrained, as a share."""
-    if not store.has(MAINTENANCE):
+def _churn(store: Store, rows: int) -> float:
+    """Chunks written or deleted since the vector index was last retrained (or since the first
+    maintenance of this generation), as a share of the rows: replacing half the corpus counts
+    even when the row count stays the same."""
+    from tasks.store import RUNS
+
+    if not store.has(MAINTENANCE) or not store.has(RUNS):
         return 0.0
-    history = [
-        r
-        for r in store.table(MAINTENANCE).to_arrow().to_pylist()
-        if r["generation"] == store.generation_number
-    ]
+    gen = store.generation_number
+    history = [r for r in store.table(MAINTENANCE).to_arrow().to_pylist() if r["generation"] == gen]
     if not history:
         return 0.0
     history.sort(key=lambda r: r["at"])
-    base = next((r for r in reversed(history) if r["retrained"]), history[0])
-    return abs(rows - int(base["chunk_rows"])) / max(int(base["chunk_rows"]), 1)
+    since = next((r for r in reversed(history) if r["retrained"]), history[0])["at"]
+    changed = 0
+    for run in store.table(RUNS).to_arrow().to_pylist():
+        if run["generation"] != gen or run["started_at"] is None or run["started_at"] < since:
+            continue
+        try:
+            deleted = int(json.loads(run["report"] or "{}")["chunks"]["deleted"])
+        except (KeyError, TypeError, ValueError):
+            deleted = 0
+        changed += int(run["chunks_written"] or 0) + deleted
+    return changed / max(rows, 1)
 
 
 def maintain_table(store: Store, settings: MaintainSettings) -> MaintenanceReport:
@@ -84,7 +95,7 @@ def maintain_table(store: Store, settings: MaintainSettings) -> MaintenanceRepor
     if store.has_chunks():
         chunks = store.table(store.chunks_name)
         report.chunk_rows = chunks.count_rows()
-        report.drift = round(_drift(store, report.chunk_rows), 4)
+        report.drift = round(_churn(store, report.chunk_rows), 4)
         has_vector_index = "vector_idx" in store.index_names()
         report.retrained = (
             has_vector_index and report.drift >= settings.rebuild_indexes_after_fraction
@@ -97,6 +108,8 @@ def maintain_table(store: Store, settings: MaintainSettings) -> MaintenanceRepor
         report.tags_kept = sorted(chunks.tags.list())
     # the manifest and the bookkeeping tables (runs, evaluations, generations, tags, this)
     report.tables += store.upkeep(retention)
+    # compaction wrote new versions of the same content: they keep the tag they had
+    record_same_content(store)
     store._ensure(MAINTENANCE, MAINTENANCE_SCHEMA).add(
         pa.Table.from_pylist(
             [

@@ -406,11 +406,12 @@ class MaintainSettings(_Model):
     """What the weekly maintenance does."""
 
     retention_days: float = Field(
-        14.0,
+        7.0,
         ge=0,
         le=3650,
         description="Table versions older than this are deleted, except tagged versions still "
-        "kept (the last `keep_tags` ingest tags and the last good one).",
+        "kept (the last `keep_tags` ingest tags and the last good one) and the versions after "
+        "the oldest of those.",
     )
     keep_tags: int = Field(
         14,
@@ -427,7 +428,8 @@ class MaintainSettings(_Model):
     rebuild_indexes_after_fraction: float = Field(
         0.2,
         gt=0,
-        le=1.0,
-        description="Rebuild the vector and text indexes from scratch when this share of the "
-        "rows arrived after the index was built.",
+        le=10.0,
+        description="Retrain the vector index (its partitions and quantizer) once chunks "
+        "written or deleted since it was last trained reach this share of the rows; the "
+        "full-text indexes are merged by every compaction.",
     )

@@ -657,23 +657,30 @@ def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
     return max(older_than, age)
 
 
+#: an age no version reaches: LanceDB's optimize() cleans up after 7 days unless told otherwise
+_NO_CLEANUP = timedelta(days=36_500)
+
+
 def optimize(tbl: Any, cleanup_older_than: timedelta | None, retrain: bool = False) -> Any:
-    """Compaction, index folding and old-version cleanup that never removes a tagged
-    version; should Lance still find one in the way, the cleanup waits for the next time."""
+    """Compaction, index folding and old-version cleanup (None: no cleanup) that never removes
+    a tagged version; should Lance still find one in the way, the cleanup waits for next time."""
     import warnings
 
+    if cleanup_older_than is None:
+        cleanup_older_than = _NO_CLEANUP
     with warnings.catch_warnings():
         # a zero retention is a deliberate setting here, not the accident Lance warns about
         warnings.filterwarnings("ignore", message="optimize.cleanup_older_than=0")
         try:
             return tbl.optimize(
-                cleanup_older_than=keep_tagged(tbl, cleanup_older_than), retrain=retrain
+                cleanup_older_than=keep_tagged(tbl, cleanup_older_than),
+                retrain=retrain,
             )
         except RuntimeError as exc:
             if "tagged version" not in str(exc):
                 raise
             log.warning("version cleanup of %s skipped: %s", tbl.name, exc)
-            return tbl.optimize(retrain=retrain)
+            return tbl.optimize(cleanup_older_than=_NO_CLEANUP, retrain=retrain)
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

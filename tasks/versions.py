@@ -3,9 +3,10 @@
 Every successful ingest tags the LanceDB versions it produced (the generation's chunks and
 documents tables, one tag name for both) and records the tag in the `version_tags` table.
 `rollback` restores a tagged pair of versions; the restore is itself a new version, so it can
-be undone with another rollback `--to` the later tag. Without `--to` it goes one tag back from
-where the table stands (the latest tag, or the tag the last rollback restored), so repeating
-it steps further back.
+be undone with another rollback `--to` the later tag. Without `--to` it goes to the parent of
+the tag the table stands at: the tag the table stood at when that one was made. So repeating it
+steps further back along what the table was built on, never onto a version a rollback already
+rejected.
 
 Lance keeps tagged versions through cleanup (tasks.store.keep_tagged); `prune_tags` drops the
 tags the maintenance flow no longer needs.
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 VERSION_TAGS = "version_tags"
 INGEST = "ingest"
 ROLLBACK = "rollback"
+#: maintenance compacted the tables: new versions, the same content as the tag in `restored`
+MAINTENANCE = "maintenance"
 
 VERSION_TAGS_SCHEMA = pa.schema(
     [
@@ -40,7 +43,8 @@ VERSION_TAGS_SCHEMA = pa.schema(
         pa.field("documents_table", pa.string()),
         pa.field("documents_version", pa.int64()),
         pa.field("run_id", pa.string()),
-        pa.field("restored", pa.string()),  # rollback: the tag it restored
+        pa.field("restored", pa.string()),  # rollback, maintenance: the tag of the content
+        pa.field("parent", pa.string()),  # ingest: the tag the table stood at before
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -58,6 +62,7 @@ class TagRow:
     run_id: str
     restored: str | None
     created_at: datetime
+    parent: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> TagRow:
@@ -74,7 +79,7 @@ def history(store: Store) -> list[TagRow]:
     if not store.has(VERSION_TAGS):
         return []
     rows = _table(store).to_arrow().to_pylist()
-    rows.sort(key=lambda r: (r["created_at"], r["kind"] == ROLLBACK))
+    rows.sort(key=lambda r: (r["created_at"], r["kind"] != INGEST))
     return [TagRow.from_row(r) for r in rows]
 
 
@@ -104,6 +109,7 @@ def tag_version(store: Store, run_id: str) -> str:
             name = row.tag if row.kind == INGEST else row.restored
             if name and name in chunks.tags.list():
                 return name
+    parent = current_tag(store)
     now = datetime.now(UTC)
     name = _tag_name(run_id, now)
     chunks.tags.create(name, chunks_version)
@@ -121,6 +127,7 @@ def tag_version(store: Store, run_id: str) -> str:
                     "documents_version": docs_version,
                     "run_id": run_id,
                     "restored": None,
+                    "parent": parent,
                     "created_at": now,
                 }
             ],
@@ -132,12 +139,44 @@ def tag_version(store: Store, run_id: str) -> str:
 
 
 def current_tag(store: Store) -> str | None:
-    """The tag the table stands at: the last rollback's target, else the latest ingest tag."""
+    """The tag whose content the table holds: the latest ingest tag, or what the last rollback
+    restored (a maintenance row keeps the tag it compacted)."""
     rows = history(store)
     if not rows:
         return None
     last = rows[-1]
-    return last.restored if last.kind == ROLLBACK else last.tag
+    return last.tag if last.kind == INGEST else last.restored
+
+
+def record_same_content(store: Store, kind: str = MAINTENANCE) -> None:
+    """After a rewrite that keeps the content (compaction), map the new versions to the tag the
+    table stands at, so the next unchanged run does not tag the same content again."""
+    tag = current_tag(store)
+    if not tag or not store.has_chunks():
+        return
+    _append(
+        store,
+        tag=f"{kind}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}",
+        kind=kind,
+        restored=tag,
+        chunks_table=store.chunks_name,
+        documents_table=store.documents_name,
+        generation=store.generation_number,
+    )
+
+
+def _append(store: Store, **row: Any) -> None:
+    now = datetime.now(UTC)
+    chunks_table, documents_table = row["chunks_table"], row["documents_table"]
+    full = {
+        "run_id": "",
+        "parent": None,
+        "created_at": now,
+        "chunks_version": int(store.db.open_table(chunks_table).version),
+        "documents_version": int(store.db.open_table(documents_table).version),
+        **row,
+    }
+    _table(store).add(pa.Table.from_pylist([full], schema=VERSION_TAGS_SCHEMA))
 
 
 def rollback_target(store: Store, to: str | None) -> TagRow:
@@ -157,14 +196,19 @@ def rollback_target(store: Store, to: str | None) -> TagRow:
                 + f" (`lanceflow rollback --table {store.uri} --list` shows them all)"
             )
         return chosen
-    current = current_tag(store)
-    names = [t.tag for t in tags]
-    position = names.index(current) if current in names else len(tags) - 1
-    if position == 0:
+    by_name = {t.tag: t for t in tags}
+    current = by_name.get(current_tag(store) or "", tags[-1])
+    if not current.parent:
         raise ConfigurationError(
-            f"{store.uri!r} stands at its oldest tag {names[0]!r}: nothing earlier to roll back to"
+            f"{store.uri!r} stands at its oldest tag {current.tag!r}: nothing earlier to roll "
+            "back to"
         )
-    return tags[position - 1]
+    if current.parent not in by_name:
+        raise ConfigurationError(
+            f"the tag before {current.tag!r} ({current.parent!r}) was pruned by maintenance; "
+            f"choose one with --to (`lanceflow rollback --table {store.uri} --list`)"
+        )
+    return by_name[current.parent]
 
 
 def rollback(store: Store, to: str | None = None) -> TagRow:
@@ -191,24 +235,15 @@ def rollback(store: Store, to: str | None = None) -> TagRow:
         tbl = store.db.open_table(name)
         tbl.restore(target.tag)
     now = datetime.now(UTC)
-    _table(store).add(
-        pa.Table.from_pylist(
-            [
-                {
-                    "tag": f"rollback-{now.strftime('%Y%m%dT%H%M%S%fZ')}",
-                    "kind": ROLLBACK,
-                    "generation": target.generation,
-                    "chunks_table": target.chunks_table,
-                    "chunks_version": int(store.db.open_table(target.chunks_table).version),
-                    "documents_table": target.documents_table,
-                    "documents_version": int(store.db.open_table(target.documents_table).version),
-                    "run_id": "",
-                    "restored": target.tag,
-                    "created_at": now,
-                }
-            ],
-            schema=VERSION_TAGS_SCHEMA,
-        )
+    _append(
+        store,
+        tag=f"rollback-{now.strftime('%Y%m%dT%H%M%S%fZ')}",
+        kind=ROLLBACK,
+        generation=target.generation,
+        chunks_table=target.chunks_table,
+        documents_table=target.documents_table,
+        restored=target.tag,
+        created_at=now,
     )
     return target
 

@@ -464,7 +464,8 @@ def test_two_writers_of_one_table_queue_while_other_tables_run_in_parallel(
 
     server = deployed.server
     a, b = tmp_path / "table-a", tmp_path / "table-b"
-    hold = {"env": {"LANCEFLOW_PAUSE_AT": "after-plan:8"}}
+    _disable_trigger(server)  # evaluations of these runs would only take CPU
+    hold = {"env": {"LANCEFLOW_PAUSE_AT": "after-plan:12"}}
     fast = {"kind": "hash"}
     ids = [
         ui_run(server, deployed.ids["ingest/manual"], {"table": str(t), "embedder": fast}, hold)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from flows.evaluate import evaluate
 from flows.ingest import ingest, run_ingest
 from flows.maintain import maintain
 from tasks import versions
@@ -118,7 +119,7 @@ def test_maintenance_verify_pass_runs_the_ingest_inside_the_same_write_slot(tmp_
 def test_flow_parameters_explain_themselves_in_the_ui_form():
     """Every top-level parameter has a description, every nested setting a title and a
     description; choices are enums and numbers have bounds, so the form rejects bad input."""
-    for fl in (ingest, maintain):
+    for fl in (ingest, evaluate, maintain):
         schema = fl.parameters.model_dump()
         for name, prop in schema["properties"].items():
             assert prop.get("title") == name

@@ -52,6 +52,13 @@ def table_location(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
+def display_location(uri: str) -> str:
+    """The table location for logs and errors: credentials in a URL's user part are masked."""
+    import re
+
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1***@", table_location(uri))
+
+
 def lock_name(uri: str) -> str:
     """The global concurrency limit of one table (a hash: no path or bucket in the name)."""
     digest = hashlib.sha256(table_location(uri).encode()).hexdigest()[:16]
@@ -170,7 +177,7 @@ def table_lock(uri: str, holder: str = "lanceflow") -> Iterator[str]:
     if name in held:
         yield name
         return
-    location = table_location(uri)
+    location = display_location(uri)
     log.info("waiting for the write slot of %s (%s)", location, name)
     deadline = time.monotonic() + wait_seconds()
     with contextlib.ExitStack() as stack:
@@ -178,7 +185,7 @@ def table_lock(uri: str, holder: str = "lanceflow") -> Iterator[str]:
             stack.enter_context(_prefect_slot(name, location, deadline))
         stack.enter_context(_file_lock(name, location, deadline))
         token = _held.set(held | {name})
-        log.info("%s holds the write slot of %s", holder, table_location(uri))
+        log.info("%s holds the write slot of %s", holder, location)
         try:
             yield name
         finally:

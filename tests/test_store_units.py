@@ -119,3 +119,14 @@ def test_a_retried_embedding_reuses_the_vectors_it_already_computed(
         embedding.SUB_BATCH = old
     assert batch.embedded == 10
     assert len(fake_embedder.texts) == 10 == len(set(fake_embedder.texts))
+
+
+def test_lock_names_and_messages_carry_no_credentials(tmp_path):
+    from tasks.locking import display_location, lock_name
+
+    url = "s3://AKIAEXAMPLE:secretkey@bucket/lancedb/"
+    assert display_location(url) == "s3://***@bucket/lancedb"
+    assert "secret" not in lock_name(url) and lock_name(url).startswith("lanceflow-table-")
+    # one table, one slot, however its path is spelled
+    assert lock_name(str(tmp_path / "db")) == lock_name(str(tmp_path / "x" / ".." / "db"))
+    assert display_location(str(tmp_path / "db")) == str((tmp_path / "db").resolve())

@@ -71,15 +71,8 @@ def serve_deployments(
     return found
 
 
-def serve_all(
-    source: str,
-    table: str,
-    dataset: str | None,
-    cron: str = "0 2 * * *",
-    timezone: str = "UTC",
-    maintain_cron: str = "0 4 * * 0",
-    limit: int | None = None,
-) -> None:
+def serve_all(*args: Any, limit: int | None = None, **kwargs: Any) -> None:
+    """Serve `serve_deployments(*args, **kwargs)` from this process until it is stopped."""
     from prefect import serve
 
-    serve(*serve_deployments(source, table, dataset, cron, timezone, maintain_cron), limit=limit)
+    serve(*serve_deployments(*args, **kwargs), limit=limit)

@@ -65,23 +65,23 @@ def lock_name(uri: str) -> str:
     return LOCK_PREFIX + digest
 
 
-def lease_seconds() -> float:
-    raw = os.environ.get("LANCEFLOW_LOCK_LEASE_SECONDS", "")
+def _env_seconds(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, "")
     try:
-        return max(float(raw), 60.0) if raw else DEFAULT_LEASE_SECONDS
+        return max(float(raw), minimum) if raw else default
     except ValueError:
-        return DEFAULT_LEASE_SECONDS
+        return default
+
+
+def lease_seconds() -> float:
+    return _env_seconds("LANCEFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, 60.0)
 
 
 DEFAULT_WAIT_SECONDS = 6 * 3600.0
 
 
 def wait_seconds() -> float:
-    raw = os.environ.get("LANCEFLOW_LOCK_WAIT_SECONDS", "")
-    try:
-        return max(float(raw), 1.0) if raw else DEFAULT_WAIT_SECONDS
-    except ValueError:
-        return DEFAULT_WAIT_SECONDS
+    return _env_seconds("LANCEFLOW_LOCK_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 1.0)
 
 
 def lock_mode() -> str:

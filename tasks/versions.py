@@ -84,7 +84,19 @@ def history(store: Store) -> list[TagRow]:
 
 
 def ingest_tags(store: Store) -> list[TagRow]:
-    return [r for r in history(store) if r.kind == INGEST]
+    return _ingest(history(store))
+
+
+def _ingest(rows: list[TagRow]) -> list[TagRow]:
+    return [r for r in rows if r.kind == INGEST]
+
+
+def _standing(rows: list[TagRow]) -> str | None:
+    """The tag whose content the table holds, from its history (see current_tag)."""
+    if not rows:
+        return None
+    last = rows[-1]
+    return last.tag if last.kind == INGEST else last.restored
 
 
 def _tag_name(run_id: str, when: datetime) -> str:
@@ -99,7 +111,8 @@ def tag_version(store: Store, run_id: str) -> str:
     chunks = store.table(store.chunks_name)
     docs = store.documents()
     chunks_version, docs_version = int(chunks.version), int(docs.version)
-    for row in reversed(history(store)):
+    rows = history(store)
+    for row in reversed(rows):
         if (
             row.chunks_table == store.chunks_name
             and row.chunks_version == chunks_version
@@ -109,7 +122,7 @@ def tag_version(store: Store, run_id: str) -> str:
             name = row.tag if row.kind == INGEST else row.restored
             if name and name in chunks.tags.list():
                 return name
-    parent = current_tag(store)
+    parent = _standing(rows)
     now = datetime.now(UTC)
     name = _tag_name(run_id, now)
     chunks.tags.create(name, chunks_version)
@@ -141,11 +154,7 @@ def tag_version(store: Store, run_id: str) -> str:
 def current_tag(store: Store) -> str | None:
     """The tag whose content the table holds: the latest ingest tag, or what the last rollback
     restored (a maintenance row keeps the tag it compacted)."""
-    rows = history(store)
-    if not rows:
-        return None
-    last = rows[-1]
-    return last.tag if last.kind == INGEST else last.restored
+    return _standing(history(store))
 
 
 def record_same_content(store: Store, kind: str = MAINTENANCE) -> None:
@@ -181,7 +190,8 @@ def _append(store: Store, **row: Any) -> None:
 
 def rollback_target(store: Store, to: str | None) -> TagRow:
     """The tag `--to` names, or the ingest tag before the one the table stands at."""
-    tags = ingest_tags(store)
+    rows = history(store)
+    tags = _ingest(rows)
     if not tags:
         raise ConfigurationError(
             f"no tagged versions in {store.uri!r}: a successful ingest tags the version it "
@@ -197,7 +207,7 @@ def rollback_target(store: Store, to: str | None) -> TagRow:
             )
         return chosen
     by_name = {t.tag: t for t in tags}
-    current = by_name.get(current_tag(store) or "", tags[-1])
+    current = by_name.get(_standing(rows) or "", tags[-1])
     if not current.parent:
         raise ConfigurationError(
             f"{store.uri!r} stands at its oldest tag {current.tag!r}: nothing earlier to roll "
@@ -259,9 +269,10 @@ def tag_of_version(store: Store, chunks_table: str, chunks_version: int) -> str 
 def prune_tags(store: Store, keep: int, protect: set[str]) -> list[str]:
     """Drop all but the newest `keep` ingest tags, never one in `protect` (the last good
     one, the one the table stands at). Their versions become eligible for cleanup."""
-    tags = ingest_tags(store)
+    rows = history(store)
+    tags = _ingest(rows)
     protected = protect | {t.tag for t in tags[-keep:]}
-    current = current_tag(store)
+    current = _standing(rows)
     if current:
         protected.add(current)
     removed = []

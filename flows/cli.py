@@ -16,6 +16,71 @@ EXIT_FAILED_RUN = 1
 EXIT_USAGE = 2
 
 
+def _source_access_options(p: Any) -> None:
+    g = p.add_argument_group(
+        "buckets (credentials: the standard environment and provider chains, or a block)"
+    )
+    g.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the source's fsspec filesystem (s3fs, gcsfs, adlfs), e.g. "
+        "endpoint_url=http://127.0.0.1:9000; repeatable; JSON values (true, 5) are parsed",
+    )
+    g.add_argument(
+        "--credentials-block",
+        default=None,
+        metavar="BLOCK",
+        help="Prefect credentials block for the source bucket: aws-credentials/NAME, "
+        "gcp-credentials/NAME or azure-blob-storage-credentials/NAME",
+    )
+    g.add_argument("--download-concurrency", type=int, default=8, help="objects downloaded at once")
+
+
+def _table_access_options(p: Any) -> None:
+    p.add_argument(
+        "--table-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a LanceDB storage option for a table in a bucket, e.g. "
+        "aws_endpoint=http://127.0.0.1:9000 or allow_http=true; repeatable",
+    )
+    p.add_argument(
+        "--table-credentials-block",
+        default=None,
+        metavar="BLOCK",
+        help="Prefect credentials block for the table's bucket (as --credentials-block)",
+    )
+
+
+def _table_access(args: argparse.Namespace) -> Any:
+    from tasks.settings import TableAccess
+    from tasks.storage import parse_options
+
+    return TableAccess(
+        storage_options=parse_options(getattr(args, "table_option", None)),
+        credentials_block=getattr(args, "table_credentials_block", None),
+    )
+
+
+def _file_access(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.storage import parse_options
+
+    return {
+        "storage_options": parse_options(getattr(args, "storage_option", None)),
+        "credentials_block": getattr(args, "credentials_block", None),
+        "download_concurrency": getattr(args, "download_concurrency", 8),
+    }
+
+
+def _open_table(args: argparse.Namespace) -> Any:
+    from tasks.store import store_at
+
+    return store_at(args.table, _table_access(args))
+
+
 def _ingest_parser(sub: Any) -> None:
     p = sub.add_parser("ingest", help="extract, chunk, embed and index a folder or bucket")
     p.add_argument("source", help="a folder, a file, or an fsspec URL such as s3://bucket/prefix")
@@ -139,6 +204,7 @@ def _ingest_parser(sub: Any) -> None:
         "--always-flow", action="store_true", help="run the Prefect flow even when nothing changed"
     )
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    _source_access_options(p)
 
 
 def _api_options(p: Any) -> None:
@@ -228,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _prepare_model_parser(sub)
     for name, sp in sub.choices.items():
+        if "--table" in sp._option_string_actions:
+            _table_access_options(sp)
         # `-v` works after the subcommand too (`lanceflow ingest -v ...`)
         sp.add_argument(
             "-v",
@@ -257,8 +325,13 @@ def _ingest(args: argparse.Namespace) -> int:
                     "id_field": args.id_field,
                     "title_field": args.title_field,
                     "text_field": args.text_field,
+                    **_file_access(args),
                 },
-                "store": {"uri": args.table, "keep_generations": args.keep_generations},
+                "store": {
+                    "uri": args.table,
+                    "keep_generations": args.keep_generations,
+                    "access": _table_access(args),
+                },
                 "chunking": {
                     "chunk_tokens": args.chunk_tokens,
                     "overlap": args.overlap,
@@ -365,9 +438,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from tasks.search import search
-    from tasks.store import Store
 
-    store = Store(args.table)
+    store = _open_table(args)
     embedder = None
     overrides = _query_embedder_overrides(args)
     if overrides and args.mode != "fts":
@@ -414,9 +486,8 @@ def _generations_parser(sub: Any) -> None:
 def _generations(args: argparse.Namespace) -> int:
     from tasks import generations
     from tasks.errors import ConfigurationError
-    from tasks.store import Store
 
-    store = Store(args.table)
+    store = _open_table(args)
     gens = store.generations()
     if args.activate is not None:
         chosen = next((g for g in gens if g.number == args.activate), None)
@@ -469,7 +540,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             {
                 "dataset": args.dataset,
                 "split": args.split,
-                "store": {"uri": args.table},
+                "store": {"uri": args.table, "access": _table_access(args)},
                 "modes": args.modes,
                 "ks": args.ks,
                 "accept": args.accept,
@@ -534,9 +605,8 @@ def _rollback_parser(sub: Any) -> None:
 def _rollback(args: argparse.Namespace) -> int:
     from tasks import versions
     from tasks.locking import table_lock
-    from tasks.store import Store
 
-    store = Store(args.table)
+    store = _open_table(args)
     if args.list:
         rows = versions.history(store)
         current = versions.current_tag(store)
@@ -588,15 +658,18 @@ def _maintain_parser(sub: Any) -> None:
     p.add_argument("--retention-days", type=float, default=7.0, help="version retention (days)")
     p.add_argument("--keep-tags", type=int, default=14, help="ingest tags kept for rollback")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _source_access_options(p)
 
 
 def _maintain(args: argparse.Namespace) -> int:
     from flows.maintain import maintain
-    from tasks.settings import MaintainSettings
+    from tasks.settings import FileSettings, MaintainSettings
 
     result = maintain(
         table=args.table,
         source=args.source,
+        files=FileSettings.model_validate(_file_access(args)),
+        table_access=_table_access(args),
         maintenance=MaintainSettings(
             retention_days=args.retention_days, keep_tags=args.keep_tags, verify=bool(args.source)
         ),

@@ -25,10 +25,11 @@ from tasks.settings import (
     EvaluateParams,
     GateSettings,
     QueryEmbedderSettings,
+    TableAccess,
     evaluate_flow_parameters,
     evaluate_params,
 )
-from tasks.store import Store
+from tasks.store import open_store
 
 
 class QualityGateError(LanceflowError):
@@ -48,6 +49,7 @@ def evaluate(
     query_embedder: QueryEmbedderSettings = QueryEmbedderSettings(),  # noqa: B008
     accept: bool = False,
     ingest_run: str | None = None,
+    table_access: TableAccess = TableAccess(),  # noqa: B008
 ) -> dict[str, Any]:
     """Score the table on a labelled query set in every mode and fail when quality drops.
 
@@ -63,6 +65,8 @@ def evaluate(
         accept: Pin this run as the new baseline after reviewing a change in quality; the gate
             does not fail it.
         ingest_run: The ingest flow run that started this evaluation (set by the trigger).
+        table_access: For a table in a bucket: LanceDB storage options (endpoint, region) and
+            a credentials block.
     """
     params = evaluate_params(
         dataset,
@@ -72,18 +76,19 @@ def evaluate(
         query_embedder=query_embedder,
         accept=accept,
         ingest_run=ingest_run,
+        table_access=table_access,
     )
     return evaluate_with(params)
 
 
 def run_evaluate(params: EvaluateParams) -> dict[str, Any]:
     """Run the `evaluate` flow with one EvaluateParams (the CLI, tests, benchmarks)."""
-    return evaluate(**evaluate_flow_parameters(params))
+    return evaluate(**evaluate_flow_parameters(params, secrets=True))
 
 
 def evaluate_with(params: EvaluateParams) -> dict[str, Any]:
     logger = get_run_logger()
-    store = Store(params.store.uri)
+    store = open_store(params.store)
     query_set = load_queries(params)
     ev = score_table(params, store, query_set)
     ctx: Any = get_run_context()

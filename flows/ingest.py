@@ -28,6 +28,7 @@ from tasks.settings import (
     IngestParams,
     RunSettings,
     StoreOptions,
+    TableAccess,
 )
 from tasks.steps import (
     chunk_documents,
@@ -56,6 +57,7 @@ def ingest(
     files: FileSettings = FileSettings(),  # noqa: B008
     run: RunSettings = RunSettings(),  # noqa: B008
     store: StoreOptions = StoreOptions(),  # noqa: B008
+    table_access: TableAccess = TableAccess(),  # noqa: B008
 ) -> IngestReport:
     """Bring a LanceDB table up to date with a folder or bucket of documents.
 
@@ -73,9 +75,18 @@ def ingest(
         files: Which files of the source are taken, record-file columns, size limits.
         run: Batch sizes, failure and deletion limits, and the verify and reindex switches.
         store: Index upkeep: vector index threshold, version pruning, generations kept.
+        table_access: For a table in a bucket: LanceDB storage options (endpoint, region) and
+            a credentials block.
     """
     params = IngestParams.build(
-        source, table, embedder=embedder, chunking=chunking, files=files, run=run, store=store
+        source,
+        table,
+        embedder=embedder,
+        chunking=chunking,
+        files=files,
+        run=run,
+        store=store,
+        table_access=table_access,
     )
     with table_lock(table, holder="ingest"):
         return ingest_with(params)
@@ -83,7 +94,7 @@ def ingest(
 
 def run_ingest(params: IngestParams) -> IngestReport:
     """Run the `ingest` flow with one IngestParams (the CLI, tests, benchmarks)."""
-    return ingest(**params.flow_parameters())
+    return ingest(**params.flow_parameters(secrets=True))
 
 
 def ingest_with(params: IngestParams) -> IngestReport:

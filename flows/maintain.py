@@ -20,13 +20,16 @@ from tasks.settings import (
     FileSettings,
     MaintainSettings,
     RunSettings,
+    TableAccess,
 )
-from tasks.store import Store
+from tasks.store import store_at
 
 
 @task(name="maintain_table", cache_policy=NO_CACHE, persist_result=False)
-def maintain_table_task(table: str, settings: MaintainSettings) -> MaintenanceReport:
-    return maintain_table(Store(table), settings)
+def maintain_table_task(
+    table: str, settings: MaintainSettings, access: TableAccess
+) -> MaintenanceReport:
+    return maintain_table(store_at(table, access), settings)
 
 
 @flow(name="maintain", persist_result=False, validate_parameters=True)
@@ -37,6 +40,7 @@ def maintain(
     embedder: EmbedderSettings = EmbedderSettings(),  # noqa: B008
     chunking: ChunkSettings = ChunkSettings(),  # noqa: B008
     files: FileSettings = FileSettings(),  # noqa: B008
+    table_access: TableAccess = TableAccess(),  # noqa: B008
 ) -> dict[str, Any]:
     """Keep a table healthy: verify it against its source, then compact and prune it.
 
@@ -49,6 +53,8 @@ def maintain(
         embedder: The embedder settings the table was built with (used by the verify pass).
         chunking: The chunking settings the table was built with (used by the verify pass).
         files: The file selection of the source (used by the verify pass).
+        table_access: For a table in a bucket: LanceDB storage options (endpoint, region) and
+            a credentials block.
     """
     logger = get_run_logger()
     result: dict[str, Any] = {"table": table}
@@ -61,6 +67,7 @@ def maintain(
                 chunking=chunking,
                 files=files,
                 run=RunSettings(verify=True),
+                table_access=table_access,
             )
             result["verify"] = report.model_dump(include={"documents", "chunks", "tag"})
             logger.info(
@@ -68,7 +75,7 @@ def maintain(
                 report.documents.seen,
                 report.documents.changed,
             )
-        done = maintain_table_task(table, maintenance)
+        done = maintain_table_task(table, maintenance, table_access)
     result["maintenance"] = done.model_dump()
     logger.info(
         "maintenance: %d old versions removed, %d tags removed, %d kept, vector "

@@ -41,6 +41,8 @@ class DocOutcome:
     path: str = ""
     #: the manifest's hash before this run (a 'check' compares with it)
     old_hash: str | None = None
+    #: the object's change token from the listing, recorded in the manifest
+    etag: str | None = None
 
     @property
     def title(self) -> str:
@@ -50,7 +52,19 @@ class DocOutcome:
 def read_and_parse(
     items: Sequence[dict[str, Any]], source: Source, max_bytes: int
 ) -> list[DocOutcome]:
-    """Read and parse a batch of planned documents; failures become outcomes, not raises."""
+    """Read and parse a batch of planned documents; failures become outcomes, not raises.
+
+    The batch's files are downloaded first, several at a time from a bucket (the batch is
+    bounded in bytes by tasks.plan.iter_work)."""
+    wanted = [
+        item["path"]
+        for item in items
+        if item["kind"] == "file"
+        and item["state"] != "touch"
+        and (item["size"] or 0) <= max_bytes
+        and not streamable(item["source"], item["size"] or 0)
+    ]
+    fetched = source.read_many(wanted, max_bytes) if wanted else {}
     out: list[DocOutcome] = []
     for item in items:
         o = DocOutcome(
@@ -62,11 +76,15 @@ def read_and_parse(
             content_hash=item.get("content_hash"),
             path=item.get("path") or "",
             old_hash=item.get("old_hash"),
+            etag=item.get("etag"),
         )
         try:
             if item["kind"] == "error":
                 raise ReadError(item["error"] or "unreadable")
-            if item["kind"] == "record":
+            if item["state"] == "touch" and item["kind"] == "file":
+                # same content by the listing's token: only the manifest row is refreshed
+                o.status = "touch"
+            elif item["kind"] == "record":
                 if item["state"] == "touch":
                     o.status = "touch"
                 else:
@@ -80,7 +98,9 @@ def read_and_parse(
             elif streamable(item["source"], item["size"] or 0):
                 o.status = "stream"  # read, chunked, embedded and written a segment at a time
             else:
-                data = source.read_bytes(item["path"], max_bytes)
+                data = fetched[item["path"]]
+                if isinstance(data, ReadError):
+                    raise data
                 o.size = len(data)
                 o.content_hash = content_hash(data)
                 if item["state"] == "check" and o.content_hash == item.get("old_hash"):

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -38,6 +38,7 @@ WORK_SCHEMA = pa.schema(
         ("title", pa.string()),
         ("text", pa.string()),
         ("error", pa.string()),
+        ("etag", pa.string()),  # the listing's change token (tasks.sources.change_token)
     ]
 )
 
@@ -46,6 +47,30 @@ Manifest = dict[str, ManifestRow]
 #: the manifest status of a record file's own row, written once all its records are stored;
 #: only then may a later run skip the file by its size and modification time
 RECORDS_MARKER = "records-file"
+
+
+class RecordFile(NamedTuple):
+    path: str
+    size: int
+    mtime: float
+    etag: str | None
+
+
+def same_object(old: ManifestRow, entry: FileEntry, trust_mtime: bool) -> bool | None:
+    """Whether the listing shows the content the manifest recorded, without reading it.
+
+    True: same size and change token (an ETag, a content MD5 or a version id), or, where
+    neither side has a token, same size and modification time (a folder; a bucket indexed
+    before tokens were recorded). False: it must be read. None: the same by size and time
+    only, and the manifest lacks the token the listing now gives (it is recorded without a
+    download)."""
+    if old.size != entry.size:
+        return False
+    if entry.etag and old.etag:
+        return entry.etag == old.etag
+    if trust_mtime and entry.mtime != 0.0 and old.mtime == entry.mtime:
+        return None if entry.etag else True
+    return False
 
 
 @dataclass
@@ -59,8 +84,9 @@ class Plan:
     deleted_ids: list[str] = field(default_factory=list)
     listing_complete: bool = True
     listing_errors: list[tuple[str, str]] = field(default_factory=list)
-    #: record files streamed to the end this run: (path, size, mtime), marked done afterwards
-    record_files: list[tuple[str, int, float]] = field(default_factory=list)
+    #: record files streamed to the end this run (or whose listing token is new), marked done
+    #: afterwards
+    record_files: list[RecordFile] = field(default_factory=list)
     #: manifest markers of record files that vanished
     deleted_markers: list[str] = field(default_factory=list)
     #: record-file paths in `seen` only as markers, not as documents
@@ -104,7 +130,14 @@ class _Spill:
 
     def add_for(self, entry: FileEntry, **row: Any) -> None:
         """A row about something found in `entry` (its path, size and time filled in)."""
-        self.add(path=entry.path, source=entry.rel, size=entry.size, mtime=entry.mtime, **row)
+        self.add(
+            path=entry.path,
+            source=entry.rel,
+            size=entry.size,
+            mtime=entry.mtime,
+            etag=entry.etag,
+            **row,
+        )
 
     def flush(self) -> None:
         if self.rows:
@@ -158,25 +191,34 @@ def plan_changes(
             old = manifest.get(entry.rel)
             if old is None:
                 state = "new"
-            elif old[3] != "ok":
+            elif old.status != "ok":
                 state = "retry"
-            elif (
-                old[1] == entry.size
-                and old[2] == entry.mtime
-                and not verify
-                and source.reliable_mtime
-                and entry.mtime != 0.0
-            ):
-                plan.unchanged += 1
-                continue
+            elif verify:
+                state = "check"
             else:
+                same = same_object(old, entry, source.reliable_mtime)
+                if same:
+                    plan.unchanged += 1
+                    continue
+                if same is None:
+                    # unchanged (counted when written); the manifest learns the listing's
+                    # token, without a download
+                    spill.add_for(
+                        entry,
+                        doc_id=entry.rel,
+                        kind="file",
+                        state="touch",
+                        old_hash=old.content_hash,
+                        content_hash=old.content_hash,
+                    )
+                    continue
                 state = "check"
             spill.add_for(
                 entry,
                 doc_id=entry.rel,
                 kind="file",
                 state=state,
-                old_hash=old[0] if old else None,
+                old_hash=old.content_hash if old else None,
             )
     finally:
         spill.close()
@@ -220,7 +262,8 @@ def check_deletions(plan: Plan, max_fraction: float, source_uri: str) -> None:
 
 def _record_sources(manifest: Manifest) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for doc_id, (_h, _s, _m, _st, src) in manifest.items():
+    for doc_id, row in manifest.items():
+        src = row.path
         if src != doc_id:
             out.setdefault(src, []).append(doc_id)
     return out
@@ -240,20 +283,21 @@ def _plan_records(
     seen.add(entry.rel)  # the file's own marker row
     plan.marker_ids.add(entry.rel)
     marker = manifest.get(entry.rel)
-    if (
-        not verify
-        and marker is not None
-        and marker[3] == RECORDS_MARKER
-        and (marker[1], marker[2]) == (entry.size, entry.mtime)
-        and all(manifest[d][3] == "ok" for d in known)
-    ):
+    same = (
+        same_object(marker, entry, source.reliable_mtime)
+        if marker is not None and marker.status == RECORDS_MARKER and not verify
+        else False
+    )
+    if same is not False and all(manifest[d].status == "ok" for d in known):
         seen.update(known)
         plan.unchanged += len(known)
+        if same is None:  # the marker learns the listing's token, without a download
+            plan.record_files.append(RecordFile(entry.rel, entry.size, entry.mtime, entry.etag))
         return
     try:
         for rec in source.iter_records(entry):
             _plan_record(rec, entry, manifest, seen, spill, plan)
-        plan.record_files.append((entry.rel, entry.size, entry.mtime))
+        plan.record_files.append(RecordFile(entry.rel, entry.size, entry.mtime, entry.etag))
     except DocumentError as exc:
         # the whole record file is unreadable: keep its documents (nothing to compare with)
         seen.update(known)
@@ -298,7 +342,7 @@ def _plan_record(
     digest = record_hash(rec.title, rec.text)
     old = manifest.get(rec.doc_id)
     if old is not None and old[3] == "ok" and old[0] == digest:
-        if old[1] == entry.size and old[2] == entry.mtime and old[4] == entry.rel:
+        if old.path == entry.rel and same_object(old, entry, True):
             plan.unchanged += 1
             return
         # same content, the file around it changed: only the manifest row is refreshed
@@ -334,7 +378,10 @@ def iter_work(plan: Plan, batch_docs: int, batch_bytes: int) -> Iterator[list[di
         size = 0
         for i in range(reader.num_record_batches):
             for row in reader.get_batch(i).to_pylist():
-                weight = len(row["text"] or "") if row["kind"] == "record" else (row["size"] or 0)
+                if row["kind"] == "record":
+                    weight = len(row["text"] or "")
+                else:  # a touched file is not read
+                    weight = 0 if row["state"] == "touch" else (row["size"] or 0)
                 if batch and (len(batch) >= batch_docs or size + weight > batch_bytes):
                     yield batch
                     batch, size = [], 0

@@ -20,7 +20,8 @@ from tasks.plan import Plan, plan_changes
 from tasks.report import IngestReport
 from tasks.settings import IngestParams
 from tasks.sources import Source
-from tasks.store import CHUNKS, Store, TableModel, report_json
+from tasks.storage import redact_uri
+from tasks.store import CHUNKS, Store, TableModel, open_store, report_json
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
         from tasks.embedding import resolve_api_key
 
         resolve_api_key(params.embedder)  # a missing key fails here, before any work
-    store = Store(params.store.uri)
+    store = open_store(params.store)
     fp = fingerprints.compute(params.embedder, params.chunking)
     gens = store.generations()
     target, live = choose_generation(store, gens, fp, params.reindex)
@@ -185,7 +186,7 @@ def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
     report = IngestReport(
         run_id=str(uuid.uuid4()),
         source=source.uri,
-        table=params.store.uri,
+        table=redact_uri(params.store.uri),
         model=fp.model,
         generation=target.number,
         generation_status=target.status,

@@ -1,15 +1,19 @@
 """Every setting of lanceflow, as pydantic models with bounds and descriptions.
 
 The flow parameters are these models, so the Prefect UI renders them as validated forms.
-Secrets never live here: bucket credentials come from the environment (AWS_*, GOOGLE_*,
-AZURE_*), API keys from the environment or a Prefect Secret block.
+Secrets never live here in the clear: bucket credentials come from the environment (AWS_*,
+GOOGLE_*, AZURE_*) or a Prefect credentials block, API keys from the environment or a Prefect
+Secret block; a secret given as a storage option is held as SecretStr (tasks.storage), which
+Prefect stores and shows as `**********`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.storage import masked, protect, split_credentials
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
@@ -70,15 +74,46 @@ class FileSettings(_Model):
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra fsspec options such as an endpoint URL. Never put credentials here: "
-        "they are read from the environment.",
+        description="Options of the bucket's fsspec filesystem (s3fs, gcsfs, adlfs), e.g. "
+        "{'endpoint_url': 'http://minio:9000'} or {'anon': true}. Credentials belong in the "
+        "worker's environment or a credentials block: a secret given here is masked in "
+        "everything stored and shown, so a run started from the UI never receives it.",
     )
+    credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect block with the bucket's credentials: an aws-credentials, "
+        "gcp-credentials or azure-blob-storage-credentials block (TYPE/NAME, or NAME with the "
+        "type taken from the URL). Empty: the standard environment and provider chains.",
+    )
+    download_concurrency: int = Field(
+        8, ge=1, le=256, description="Objects downloaded at once from a bucket."
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _protect(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return protect(value)
 
 
 class SourceSettings(FileSettings):
     """Where the documents come from and which of them to take."""
 
     uri: str = Field(..., min_length=1, description=SOURCE_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_out_of_uri(cls, data: Any) -> Any:
+        """Keys in a URL's user part (s3://KEY:SECRET@bucket) move into secret storage
+        options: the location that is stored and shown carries none."""
+        if isinstance(data, dict) and isinstance(data.get("uri"), str):
+            uri, creds = split_credentials(data["uri"])
+            if creds:
+                data = {
+                    **data,
+                    "uri": uri,
+                    "storage_options": {**(data.get("storage_options") or {}), **creds},
+                }
+        return data
 
 
 class ChunkSettings(_Model):
@@ -175,6 +210,29 @@ class EmbedderSettings(_Model):
         return self
 
 
+class TableAccess(_Model):
+    """How a table on object storage is reached: LanceDB storage options and credentials."""
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="LanceDB/Lance storage options for a table in a bucket, e.g. "
+        "{'aws_endpoint': 'http://minio:9000', 'allow_http': 'true', 'aws_region': 'eu-west-1'}. "
+        "Credentials belong in the worker's environment or a credentials block: a secret given "
+        "here is masked in everything stored and shown.",
+    )
+    credentials_block: str | None = Field(
+        None,
+        description="Name of a Prefect block with the table bucket's credentials "
+        "(aws-credentials, gcp-credentials or azure-blob-storage-credentials; TYPE/NAME or "
+        "NAME). Empty: the standard environment.",
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _protect(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return protect(value)
+
+
 class StoreOptions(_Model):
     """Index upkeep: vector index threshold, version pruning, generations kept."""
 
@@ -200,6 +258,7 @@ class StoreSettings(StoreOptions):
     """The LanceDB database that holds the chunks, documents and runs tables."""
 
     uri: str = Field(DEFAULT_DB_URI, min_length=1, description=TABLE_DESCRIPTION)
+    access: TableAccess = Field(default_factory=TableAccess)
 
 
 class RunSettings(_Model):
@@ -256,28 +315,51 @@ class IngestParams(RunSettings):
         files: FileSettings | None = None,
         run: RunSettings | None = None,
         store: StoreOptions | None = None,
+        table_access: TableAccess | None = None,
     ) -> IngestParams:
         return cls.model_validate(
             {
                 **(run or RunSettings()).model_dump(),
                 "source": {**(files or FileSettings()).model_dump(), "uri": source},
-                "store": {**(store or StoreOptions()).model_dump(), "uri": table},
+                "store": {
+                    **(store or StoreOptions()).model_dump(),
+                    "uri": table,
+                    "access": (table_access or TableAccess()).model_dump(),
+                },
                 "chunking": (chunking or ChunkSettings()).model_dump(),
                 "embedder": (embedder or EmbedderSettings()).model_dump(),
             }
         )
 
-    def flow_parameters(self) -> dict[str, Any]:
-        """The `ingest` flow's keyword arguments (JSON-ready: deployments, the API, tests)."""
+    def flow_parameters(self, secrets: bool = False) -> dict[str, Any]:
+        """The `ingest` flow's keyword arguments (JSON-ready: deployments, the API, tests).
+
+        Secret storage options are masked; `secrets=True` keeps them as SecretStr for a flow
+        called in this process (Prefect still stores them masked)."""
         return {
             "source": self.source.uri,
             "table": self.store.uri,
             "embedder": self.embedder.model_dump(mode="json"),
             "chunking": self.chunking.model_dump(mode="json"),
-            "files": self.source.model_dump(mode="json", exclude={"uri"}),
+            "files": with_options(
+                self.source.model_dump(mode="json", exclude={"uri"}), self.source, secrets
+            ),
             "run": self.model_dump(mode="json", include=set(RunSettings.model_fields)),
-            "store": self.store.model_dump(mode="json", exclude={"uri"}),
+            "store": self.store.model_dump(mode="json", exclude={"uri", "access"}),
+            "table_access": table_access_parameter(self.store.access, secrets),
         }
+
+
+def with_options(dumped: dict[str, Any], model: Any, secrets: bool) -> dict[str, Any]:
+    """A dumped model whose storage options are masked, or kept as SecretStr (`secrets`)."""
+    dumped["storage_options"] = (
+        dict(model.storage_options) if secrets else masked(model.storage_options)
+    )
+    return dumped
+
+
+def table_access_parameter(access: TableAccess, secrets: bool = False) -> dict[str, Any]:
+    return with_options(access.model_dump(mode="json"), access, secrets)
 
 
 RetrievalMode = Literal["vector", "fts", "hybrid"]
@@ -374,13 +456,14 @@ def evaluate_params(
     query_embedder: QueryEmbedderSettings | None = None,
     accept: bool = False,
     ingest_run: str | None = None,
+    table_access: TableAccess | None = None,
 ) -> EvaluateParams:
     """The `evaluate` flow's top-level parameters as one EvaluateParams."""
     return EvaluateParams.model_validate(
         {
             **(options or EvaluateOptions()).model_dump(),
             "dataset": dataset,
-            "store": {"uri": table},
+            "store": {"uri": table, "access": (table_access or TableAccess()).model_dump()},
             "gate": (gate or GateSettings()).model_dump(),
             "query_embedder": (query_embedder or QueryEmbedderSettings()).overrides(),
             "accept": accept,
@@ -389,9 +472,10 @@ def evaluate_params(
     )
 
 
-def evaluate_flow_parameters(params: EvaluateParams) -> dict[str, Any]:
+def evaluate_flow_parameters(params: EvaluateParams, secrets: bool = False) -> dict[str, Any]:
     """The `evaluate` flow's keyword arguments for an EvaluateParams."""
     return {
+        "table_access": table_access_parameter(params.store.access, secrets),
         "dataset": params.dataset,
         "table": params.store.uri,
         "gate": params.gate.model_dump(mode="json"),

@@ -6,11 +6,15 @@ streamed record by record; every record is a document with its own id.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -18,13 +22,17 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tasks.errors import ConfigurationError, ReadError, SourceError
 from tasks.settings import FILE_EXTENSIONS, RECORD_EXTENSIONS, SourceSettings
+from tasks.storage import fsspec_options, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
 ID_FIELD_CANDIDATES = ("_id", "id", "doc_id")
+#: attempts at reading one object from a bucket (transient errors only)
+READ_ATTEMPTS = int(os.environ.get("LANCEFLOW_READ_ATTEMPTS", "5"))
 
 
 @dataclass(slots=True)
@@ -36,6 +44,9 @@ class FileEntry:
     size: int
     mtime: float
     error: str | None = None  # set when the entry itself is unusable (symlink loop, ...)
+    #: the store's change token from the listing (tasks.sources.change_token): equal tokens
+    #: and sizes mean the same content, so the object is not downloaded
+    etag: str | None = None
 
     @property
     def is_records(self) -> bool:
@@ -125,18 +136,95 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
+
+
+def change_token(info: dict[str, Any]) -> str | None:
+    """What the listing says about an object's content, without reading it.
+
+    A content hash when the store gives one: GCS's `md5Hash`, Azure's Content-MD5, an S3 ETag
+    of a single-part upload (the object's MD5). These survive an identical re-upload, so a
+    bucket re-synced with the same bytes is not downloaded. Otherwise the ETag (multipart S3,
+    Azure without Content-MD5) or version id, which change on every upload: such an object is
+    downloaded once, found identical by hash, and its new token recorded.
+    """
+    md5 = info.get("md5Hash")
+    if md5:
+        return f"md5:{_hex(md5)}"
+    settings = info.get("content_settings")
+    if isinstance(settings, dict):
+        content_md5 = settings.get("content_md5")
+    else:
+        content_md5 = getattr(settings, "content_md5", None)
+    content_md5 = content_md5 or info.get("content_md5")
+    if content_md5:
+        return f"md5:{_hex(content_md5)}"
+    etag = info.get("ETag") or info.get("etag") or info.get("e_tag")
+    if etag:
+        etag = str(etag).strip().strip('"').lower()
+        return f"md5:{etag}" if _MD5_HEX.fullmatch(etag) else f"etag:{etag}"
+    version = info.get("VersionId") or info.get("version_id") or info.get("generation")
+    if version:
+        return f"version:{version}"
+    return None
+
+
+def _hex(value: Any) -> str:
+    """A Content-MD5 as hex, whether given as base64 text, raw bytes or hex."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    text = str(value).strip().strip('"')
+    if _MD5_HEX.fullmatch(text.lower()):
+        return text.lower()
+    try:
+        return base64.b64decode(text, validate=True).hex()
+    except (ValueError, binascii.Error):
+        return text
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A read failure worth retrying: throttling, a reset connection, a timeout, a 5xx."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | ReadError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__} {exc}"[:500].lower()
+    markers = (
+        "throttl", "slowdown", "slow down", "toomanyrequests", "too many requests", "429",
+        "500", "502", "503", "504", "serviceunavailable", "internalerror", "reset",
+        "timeout", "timed out", "temporar", "connection", "broken pipe", "incompleteread",
+    )  # fmt: skip
+    return any(m in text for m in markers)
+
+
+def _where(where: str, root: str) -> str:
+    """A prefix relative to the source root, for a listing error."""
+    if where.startswith(root):
+        where = where[len(root) :].lstrip("/")
+    return (where.rstrip("/") + "/") if where else "(a prefix)"
+
+
+def _brief(exc: BaseException, options: dict[str, Any] | None) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}"[:300], options)
+
+
 class Source:
     """A document source: a local folder or file, or a bucket prefix."""
 
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
+        options = fsspec_options(settings.uri, settings.storage_options, settings.credentials_block)
+        self._secrets = settings.storage_options
         try:
-            fs, root = fsspec.core.url_to_fs(settings.uri, **settings.storage_options)
-        except (ImportError, ValueError) as exc:
+            fs, root = fsspec.core.url_to_fs(settings.uri, **options)
+        except (ImportError, ValueError, TypeError) as exc:
             raise ConfigurationError(
-                f"cannot open source {settings.uri!r}: {exc}. For s3://, gs:// or az:// install "
-                "lanceflow[s3], [gcs] or [azure]."
-            ) from exc
+                f"cannot open source {redact_uri(settings.uri)!r}: "
+                f"{redact_text(str(exc), options)}. For s3://, gs:// or az:// install "
+                "lanceflow[s3], [gcs] or [azure]; storage options are the filesystem's own "
+                "keyword arguments (s3fs, gcsfs, adlfs)."
+            ) from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.local = isinstance(fs, LocalFileSystem)
@@ -238,40 +326,87 @@ class Source:
 
     def _walk_remote(self) -> Iterator[FileEntry]:
         fs, root = self.fs, self.root
+        shown = redact_uri(self.settings.uri)
+        # a long-lived process (a worker, `lanceflow serve`) must see tonight's bucket, not a
+        # listing fsspec cached on an earlier run
+        fs.invalidate_cache()
+        first = True
         try:
             if fs.isfile(root):
                 info = fs.info(root)
                 yield FileEntry(
-                    root, root.rsplit("/", 1)[-1], int(info.get("size") or 0), _mtime(info)
+                    root,
+                    root.rsplit("/", 1)[-1],
+                    int(info.get("size") or 0),
+                    _mtime(info),
+                    etag=change_token(info),
                 )
                 return
-            walker = fs.walk(root, detail=True, on_error="raise")
-            first = True
-            for dirpath, _dirs, files in walker:
+            # a prefix that cannot be listed below the root is recorded, not fatal: the run
+            # goes on with what was listed and deletes nothing. (fsspec's own walk drops
+            # errors below the top folder silently, so the walk is done here.)
+            for full, info in self._walk_prefixes(root):
                 first = False
-                for name in sorted(files):
-                    info = files[name]
-                    full = info.get("name") or f"{dirpath}/{name}"
-                    rel = full[len(root) :].lstrip("/") if full.startswith(root) else name
-                    if not rel or full.endswith("/"):
-                        continue
-                    mtime = _mtime(info)
-                    if mtime == 0.0:
-                        self.reliable_mtime = False
-                    yield FileEntry(full, rel, int(info.get("size") or 0), mtime)
+                rel = full[len(root) :].lstrip("/") if full.startswith(root) else full
+                if not rel or full.endswith("/"):
+                    continue
+                mtime = _mtime(info)
+                if mtime == 0.0:
+                    self.reliable_mtime = False
+                yield FileEntry(
+                    full, rel, int(info.get("size") or 0), mtime, etag=change_token(info)
+                )
             if first and not fs.exists(root):
-                raise SourceError(f"source {self.settings.uri!r} does not exist.")
+                raise SourceError(f"source {shown!r} does not exist.")
         except SourceError:
             raise
-        except FileNotFoundError as exc:
+        except FileNotFoundError:
             raise SourceError(
-                f"source {self.settings.uri!r} does not exist. Check the bucket and prefix."
-            ) from exc
-        except PermissionError as exc:
+                f"source {shown!r} does not exist. Check the bucket and prefix."
+            ) from None
+        except PermissionError:
             raise SourceError(
-                f"source {self.settings.uri!r} cannot be listed: access denied. Check the "
-                "credentials in the environment."
-            ) from exc
+                f"source {shown!r} cannot be listed: access denied. Check the credentials "
+                "(environment, provider chain or credentials_block) and that they may list "
+                "the bucket."
+            ) from None
+        except Exception as exc:
+            if not first:
+                # cut short mid-listing: keep what was listed, delete nothing
+                self._listing_failed("", f"listing cut short: {_brief(exc, self._secrets)}")
+                return
+            raise SourceError(
+                f"source {shown!r} cannot be listed: {_brief(exc, self._secrets)}"
+            ) from None
+
+    def _walk_prefixes(self, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(path, listing info) of every object under `root`, one prefix at a time in name
+        order. The root's own failure raises; a deeper prefix's failure is recorded."""
+        stack = [root]
+        while stack:
+            prefix = stack.pop()
+            try:
+                listing = self.fs.ls(prefix, detail=True)
+            except Exception as exc:
+                if prefix == root:
+                    raise
+                self._listing_failed(
+                    _where(prefix, root),
+                    f"prefix cannot be listed: {_brief(exc, self._secrets)}",
+                )
+                continue
+            files: list[tuple[str, dict[str, Any]]] = []
+            folders: list[str] = []
+            for info in listing:
+                name = str(info.get("name", "")).rstrip("/")
+                if not name or name == prefix.rstrip("/"):
+                    continue
+                if info.get("type") == "directory":
+                    folders.append(name)
+                else:
+                    files.append((name, info))
+            yield from sorted(files, key=lambda item: item[0])
+            stack.extend(sorted(folders, reverse=True))
 
     def _listing_failed(self, where: str, why: str) -> None:
         self.complete = False
@@ -281,10 +416,52 @@ class Source:
     # ---- reading ---------------------------------------------------------------------
 
     def read_bytes(self, entry_path: str, max_bytes: int) -> bytes:
-        """A file's bytes; ReadError for anything that keeps it from being read."""
+        """A file's bytes; ReadError for anything that keeps it from being read. Reads from a
+        bucket are retried with backoff on throttling, resets and timeouts."""
+        if self.local:
+            return self._read_once(entry_path, max_bytes)
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(READ_ATTEMPTS),
+            wait=wait_exponential_jitter(initial=0.5, max=20),
+            reraise=True,
+        )
         try:
-            with self.fs.open(entry_path, "rb") as fh:
-                data = fh.read(max_bytes + 1)
+            for attempt in retrying:
+                with attempt:
+                    return self._read_once(entry_path, max_bytes)
+        except ReadError:
+            raise
+        except Exception as exc:
+            raise ReadError(
+                f"cannot read after {READ_ATTEMPTS} attempts: {_brief(exc, self._secrets)}"
+            ) from None
+        raise AssertionError("unreachable")
+
+    def read_many(self, paths: list[str], max_bytes: int) -> dict[str, bytes | ReadError]:
+        """Several files' bytes, downloaded `download_concurrency` at a time from a bucket
+        (the caller bounds the batch's bytes); each failure is its file's ReadError."""
+
+        def one(path: str) -> bytes | ReadError:
+            try:
+                return self.read_bytes(path, max_bytes)
+            except ReadError as exc:
+                return exc
+
+        workers = 1 if self.local else min(self.settings.download_concurrency, len(paths))
+        if workers <= 1:
+            return {p: one(p) for p in paths}
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+            return dict(zip(paths, pool.map(one, paths), strict=True))
+
+    def _read_once(self, entry_path: str, max_bytes: int) -> bytes:
+        try:
+            if self.local:
+                with self.fs.open(entry_path, "rb") as fh:
+                    data = fh.read(max_bytes + 1)
+            else:
+                # one ranged GET: never more than the limit, whatever the object grew to
+                data = self.fs.cat_file(entry_path, start=0, end=max_bytes + 1)
         except IsADirectoryError as exc:
             raise ReadError("is a folder, not a file") from exc
         except PermissionError as exc:
@@ -294,7 +471,11 @@ class Source:
         except OSError as exc:
             if getattr(exc, "errno", None) == 40:
                 raise ReadError("symlink loop") from exc
-            raise ReadError(f"cannot read: {exc.strerror or exc}") from exc
+            if not self.local and is_transient(exc):
+                raise
+            raise ReadError(
+                f"cannot read: {redact_text(str(exc.strerror or exc), self._secrets)}"
+            ) from None
         if len(data) > max_bytes:
             raise ReadError(
                 f"larger than max_file_mb ({max_bytes / 2**20:g} MB): raise the limit or split "

@@ -132,12 +132,13 @@ def mark_record_files(run: IngestRun, plan: Plan) -> None:
                 "content_hash": None,
                 "size": size,
                 "mtime": mtime,
+                "etag": etag,
                 "chunk_count": 0,
                 "status": RECORDS_MARKER,
                 "error": None,
                 "title": None,
             }
-            for rel, size, mtime in plan.record_files
+            for rel, size, mtime, etag in plan.record_files
         ]
     )
     if plan.listing_complete and plan.deleted_markers:

@@ -91,6 +91,9 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("title", pa.string()),
         pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+        # the listing's change token (an ETag, content MD5 or version id) of a bucket object:
+        # equal token and size mean the object is not downloaded (tasks.sources.change_token)
+        pa.field("etag", pa.string()),
     ]
 )
 
@@ -148,6 +151,7 @@ class ManifestRow(NamedTuple):
     mtime: float
     status: str
     path: str
+    etag: str | None = None
 
 
 def cjk_text(text: str) -> str:
@@ -202,19 +206,34 @@ class Store:
     gives a view of another generation over the same connection (a `--reindex` builds one).
     """
 
-    def __init__(self, uri: str, *, _db: Any = None, _generation: Generation | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        storage_options: dict[str, str] | None = None,
+        _db: Any = None,
+        _generation: Generation | None = None,
+    ) -> None:
         self.uri = uri
         if _db is None:
             import lancedb
+
+            from tasks.storage import redact_text, redact_uri
 
             try:
                 # strong consistency: every read sees the latest commit, from any writer;
                 # bounded caches, so a long run's memory does not grow with the table
                 _db = lancedb.connect(
-                    uri, read_consistency_interval=timedelta(0), session=_session()
+                    uri,
+                    read_consistency_interval=timedelta(0),
+                    session=_session(),
+                    storage_options=storage_options or None,
                 )
             except Exception as exc:
-                raise TableError(f"cannot open LanceDB at {uri!r}: {exc}") from exc
+                raise TableError(
+                    f"cannot open LanceDB at {redact_uri(uri)!r}: "
+                    + redact_text(str(exc), storage_options)
+                ) from None
         self.db = _db
         self._generation = _generation
         self._bound = _generation is not None
@@ -344,16 +363,19 @@ class Store:
             data = query.limit(None).to_arrow()
             data = data.append_column("path", data.column("doc_id"))
         else:
+            columns = ["doc_id", "content_hash", "size", "mtime", "status", "path"]
             data = (
                 tbl.search()
                 .where(f"source_uri = {sql_str(source_uri)}")
-                .select(["doc_id", "content_hash", "size", "mtime", "status", "path"])
+                .select(columns + (["etag"] if "etag" in tbl.schema.names else []))
                 .limit(None)
                 .to_arrow()
             )
         cols = [data.column(c).to_pylist() for c in data.column_names]
+        if "etag" not in data.column_names:
+            cols.append([None] * data.num_rows)
         return {
-            row[0]: ManifestRow(row[1], row[2] or 0, row[3] or 0.0, row[4], row[5])
+            row[0]: ManifestRow(row[1], row[2] or 0, row[3] or 0.0, row[4], row[5], row[6])
             for row in zip(*cols, strict=True)
         }
 
@@ -690,3 +712,19 @@ def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 def report_json(report: Any) -> str:
     return json.dumps(report, default=str, ensure_ascii=False)
+
+
+def open_store(settings: Any) -> Store:
+    """The Store for a StoreSettings: its location, storage options and credentials block."""
+    from tasks.storage import lance_options
+
+    access = settings.access
+    options = lance_options(settings.uri, access.storage_options, access.credentials_block)
+    return Store(settings.uri, storage_options=options)
+
+
+def store_at(uri: str, access: Any = None) -> Store:
+    """The Store at `uri` with a TableAccess (None: the environment only)."""
+    from tasks.settings import StoreSettings, TableAccess
+
+    return open_store(StoreSettings(uri=uri, access=access or TableAccess()))

@@ -85,6 +85,7 @@ def _write_manifest(
             "content_hash": o.content_hash,
             "size": o.size,
             "mtime": o.mtime,
+            "etag": o.etag,
             "chunk_count": len(o.chunks) if streamed_chunks is None else streamed_chunks,
             "status": "ok",
             "error": None,

@@ -1,0 +1,373 @@
+"""Object-store access: storage options, credentials from Prefect blocks, and keeping secrets out
+of everything that is shown or stored.
+
+A source (read through fsspec: s3fs, gcsfs, adlfs) and a table (read and written by LanceDB's
+object store) take different option names for the same thing. Users give either library's own
+names in `storage_options`; credentials come from the standard provider chains and environment
+variables, or from a Prefect credentials block named in the flow parameters, which is read from
+the Prefect API at run time (its secrets never pass through flow parameters).
+
+Option values whose key names a secret (key, secret, token, password, ...) are held as pydantic
+`SecretStr`: Prefect stores flow parameters with such values as `**********`, reports and logs
+show them masked, and only the filesystem or LanceDB connection sees the real value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+from tasks.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+MASK = "**********"
+
+#: option keys whose values are secrets (matched anywhere in the lower-cased key)
+_SECRET_KEY = re.compile(
+    r"secret|password|passwd|token|credential|private|sas|signature|connection_string|"
+    r"account_key|access_key|(^|_)key$|^key|service_account_key|client_secret"
+)
+
+#: the Prefect block type read for a scheme when a block name has no `type/` prefix
+BLOCK_TYPES = {
+    "s3": "aws-credentials",
+    "gs": "gcp-credentials",
+    "az": "azure-blob-storage-credentials",
+}
+
+_SCHEMES = {
+    "s3": "s3",
+    "s3a": "s3",
+    "s3n": "s3",
+    "gs": "gs",
+    "gcs": "gs",
+    "az": "az",
+    "abfs": "az",
+    "abfss": "az",
+    "adl": "az",
+}
+
+
+def scheme_of(uri: str) -> str:
+    """'s3', 'gs', 'az', 'file', or another fsspec protocol, for a location."""
+    if "://" not in uri:
+        return "file"
+    raw = uri.split("://", 1)[0].lower()
+    return _SCHEMES.get(raw, raw)
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key.lower()))
+
+
+def protect(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Options with every secret value wrapped in SecretStr (nested dicts too). A value that
+    arrives already masked (a flow run started from stored parameters) is refused."""
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict):
+            out[key] = protect(value)
+        elif isinstance(value, SecretStr):
+            out[key] = value
+        elif is_secret_key(str(key)) and value is not None:
+            if value == MASK:
+                raise ValueError(
+                    f"storage option {key!r} arrived masked ({MASK}): secrets are never stored "
+                    "with flow parameters. Give them through a credentials block "
+                    "(credentials_block) or the worker's environment."
+                )
+            out[key] = SecretStr(str(value))
+        else:
+            out[key] = value
+    return out
+
+
+def reveal(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options with their real values: only for the filesystem or database connection."""
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict):
+            out[key] = reveal(value)
+        elif isinstance(value, SecretStr):
+            out[key] = value.get_secret_value()
+        else:
+            out[key] = value
+    return out
+
+
+def masked(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options as they may be shown: secrets replaced by the mask."""
+    out: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict):
+            out[key] = masked(value)
+        elif isinstance(value, SecretStr) or (is_secret_key(str(key)) and value is not None):
+            out[key] = MASK
+        else:
+            out[key] = value
+    return out
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from the command line. A value that parses as JSON (true, 5, {...}) is taken
+    as such, except for secret keys, which stay strings."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigurationError(
+            f"storage option {text.split('=', 1)[0]!r} is not KEY=VALUE (e.g. "
+            "endpoint_url=http://127.0.0.1:9000)"
+        )
+    if is_secret_key(key):
+        return key, SecretStr(value)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    return dict(parse_option(item) for item in items or [])
+
+
+# ---- locations ---------------------------------------------------------------------------
+
+
+_QUERY_SECRET = re.compile(r"(?i)((?:sig|signature|token|key|secret|password|x-amz-[a-z-]+)=)[^&]*")
+
+
+def redact_uri(uri: str) -> str:
+    """A location as it may be shown: a password or key in the URL's user part and secret
+    query values masked (`s3://***@bucket/p`, `https://a.blob.core.windows.net/c?sig=***`).
+    Azure's `abfs://container@account...` names no secret and is kept."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    head, slash, tail = rest.partition("/")
+    if "@" in head:
+        user, host = head.rsplit("@", 1)
+        if ":" in user or scheme_of(uri) != "az":
+            head = f"***@{host}"
+    tail = _QUERY_SECRET.sub(r"\1***", tail)
+    if "?" in head:
+        head = _QUERY_SECRET.sub(r"\1***", head)
+    return f"{scheme}://{head}{slash}{tail}"
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, Any]]:
+    """`s3://KEY:SECRET@bucket/p` -> (`s3://bucket/p`, {'key': ..., 'secret': ...}): keys in
+    a URL's user part move into (secret) storage options, so the location that is stored and
+    shown carries none. Other URLs are returned as they are."""
+    if "://" not in uri or scheme_of(uri) not in ("s3", "gs"):
+        return uri, {}
+    scheme, rest = uri.split("://", 1)
+    head, slash, tail = rest.partition("/")
+    if "@" not in head:
+        return uri, {}
+    user, host = head.rsplit("@", 1)
+    key, _, secret = user.partition(":")
+    options: dict[str, Any] = {}
+    if scheme_of(uri) == "s3" and key:
+        options = {"key": SecretStr(key), "secret": SecretStr(secret)}
+    elif key:
+        raise ConfigurationError(
+            f"{redact_uri(uri)}: credentials in a gs:// URL are not supported. Use "
+            "GOOGLE_APPLICATION_CREDENTIALS or a gcp-credentials block."
+        )
+    return f"{scheme}://{host}{slash}{tail}", options
+
+
+def redact_text(text: str, options: dict[str, Any] | None = None) -> str:
+    """An error message with every secret value of `options` (and URL secrets) masked."""
+    for value in _secret_values(options):
+        if value and len(value) >= 4:
+            text = text.replace(value, MASK)
+    # AWS access key ids (a store's error body may echo them) and signature material
+    text = re.sub(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", MASK, text)
+    text = re.sub(r"(?s)<(StringToSign|CanonicalRequest|SignatureProvided)>.*?</\1>", "", text)
+    return re.sub(r"[a-z0-9+]+://[^\s'\"]+", lambda m: redact_uri(m.group(0)), text)
+
+
+def _secret_values(options: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    for key, value in (options or {}).items():
+        if isinstance(value, dict):
+            out.extend(_secret_values(value))
+        elif isinstance(value, SecretStr):
+            out.append(value.get_secret_value())
+        elif is_secret_key(str(key)) and isinstance(value, str):
+            out.append(value)
+    return out
+
+
+# ---- credentials blocks ------------------------------------------------------------------
+
+
+def read_block(name: str, scheme: str) -> dict[str, Any]:
+    """The fields of a Prefect credentials block (secrets included), read from the Prefect API
+    by name: `aws-credentials/prod`, or `prod` with the type taken from the scheme. The block's
+    Python package need not be installed on the worker."""
+    slug, _, block = name.partition("/") if "/" in name else (BLOCK_TYPES.get(scheme, ""), "", name)
+    if not slug:
+        raise ConfigurationError(
+            f"credentials block {name!r}: give it as TYPE/NAME (e.g. aws-credentials/{name})"
+        )
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            doc = client.read_block_document_by_name(
+                name=block, block_type_slug=slug, include_secrets=True
+            )
+    except ObjectNotFound as exc:
+        raise ConfigurationError(
+            f"no Prefect block {slug}/{block}: create it in the UI (Blocks) or with "
+            f"`prefect block create {slug}`"
+        ) from exc
+    data: dict[str, Any] = dict(doc.data or {})
+    data["_type"] = slug
+    return data
+
+
+def _block_value(data: dict[str, Any], key: str) -> Any:
+    value = data.get(key)
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict) and "_secret" in value:  # never expected; defensive
+        return None
+    return value
+
+
+def _from_block(data: dict[str, Any], for_lance: bool) -> dict[str, Any]:
+    """A credentials block's fields as fsspec (`for_lance=False`) or LanceDB storage options."""
+    kind = data.get("_type", "")
+    get = lambda k: _block_value(data, k)  # noqa: E731
+    out: dict[str, Any] = {}
+    if kind == "aws-credentials":
+        params = get("aws_client_parameters") or {}
+        endpoint = params.get("endpoint_url") if isinstance(params, dict) else None
+        key, secret, token = (
+            get("aws_access_key_id"),
+            get("aws_secret_access_key"),
+            get("aws_session_token"),
+        )
+        region = get("region_name")
+        if for_lance:
+            out.update(
+                aws_access_key_id=key,
+                aws_secret_access_key=secret,
+                aws_session_token=token,
+                aws_region=region,
+                aws_endpoint=endpoint,
+            )
+            if endpoint and str(endpoint).startswith("http://"):
+                out["allow_http"] = "true"
+        else:
+            out.update(key=key, secret=secret, token=token, profile=get("profile_name"))
+            client_kwargs = {k: v for k, v in {"region_name": region}.items() if v}
+            if endpoint:
+                out["endpoint_url"] = endpoint
+            if client_kwargs:
+                out["client_kwargs"] = client_kwargs
+    elif kind == "gcp-credentials":
+        info = get("service_account_info")
+        path = get("service_account_file")
+        if for_lance:
+            if info:
+                out["google_service_account_key"] = json.dumps(_plain(info))
+            elif path:
+                out["google_service_account"] = str(path)
+        else:
+            out["token"] = _plain(info) if info else (str(path) if path else None)
+            out["project"] = get("project")
+    elif kind.startswith("azure"):
+        conn = get("connection_string")
+        account_url = get("account_url")
+        if for_lance:
+            parts = _parse_connection_string(conn) if conn else {}
+            out.update(
+                azure_storage_account_name=parts.get("AccountName"),
+                azure_storage_account_key=parts.get("AccountKey"),
+                azure_storage_sas_token=parts.get("SharedAccessSignature"),
+                azure_storage_endpoint=parts.get("BlobEndpoint"),
+            )
+            if account_url and not conn:
+                out["azure_storage_account_name"] = urlsplit(str(account_url)).netloc.split(".")[0]
+        else:
+            out["connection_string"] = conn
+            if account_url and not conn:
+                out["account_name"] = urlsplit(str(account_url)).netloc.split(".")[0]
+    else:
+        raise ConfigurationError(
+            f"block type {kind!r} is not a credentials block lanceflow reads: use "
+            "aws-credentials, gcp-credentials or azure-blob-storage-credentials"
+        )
+    return protect({k: v for k, v in out.items() if v not in (None, "", {})})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _parse_connection_string(conn: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for item in str(conn).split(";"):
+        k, sep, v = item.partition("=")
+        if sep:
+            parts[k.strip()] = v.strip()
+    return parts
+
+
+# ---- options for each library --------------------------------------------------------------
+
+
+def fsspec_options(
+    uri: str, options: dict[str, Any] | None, block: str | None = None
+) -> dict[str, Any]:
+    """The keyword arguments fsspec's filesystem for `uri` gets (real secret values)."""
+    scheme = scheme_of(uri)
+    merged: dict[str, Any] = {}
+    if block:
+        merged.update(_from_block(read_block(block, scheme), for_lance=False))
+    merged.update(options or {})
+    return reveal(merged)
+
+
+def lance_options(
+    uri: str, options: dict[str, Any] | None, block: str | None = None
+) -> dict[str, str]:
+    """The storage options LanceDB's object store gets for a table at `uri`.
+
+    Lance reads the standard variables itself (AWS_*, GOOGLE_*, AZURE_*); the two that the
+    AWS SDKs and Lance spell differently are mapped here, so one environment serves sources
+    and tables alike: AWS_ENDPOINT_URL (-> aws_endpoint) and, for a plain-http endpoint,
+    AWS_ALLOW_HTTP.
+    """
+    scheme = scheme_of(uri)
+    merged: dict[str, Any] = {}
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and not os.environ.get("AWS_ENDPOINT"):
+            merged["aws_endpoint"] = endpoint
+        if os.environ.get("AWS_ALLOW_HTTP"):
+            merged["allow_http"] = os.environ["AWS_ALLOW_HTTP"]
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            merged["aws_region"] = region
+    if block:
+        merged.update(_from_block(read_block(block, scheme), for_lance=True))
+    merged.update(options or {})
+    plain = reveal(merged)
+    return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in plain.items()}

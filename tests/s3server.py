@@ -8,6 +8,7 @@ first GETs fail with 503 SlowDown.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ class S3Server:
     """moto's S3 on 127.0.0.1:<free port>, counting requests."""
 
     def __init__(self, get_delay: float = 0.0) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
         self.app = DomainDispatcherApplication(create_backend_app)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()

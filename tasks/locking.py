@@ -47,7 +47,9 @@ _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 def table_location(uri: str) -> str:
     """One spelling per table: an absolute, resolved path, or the URL without a trailing '/'."""
     if "://" in uri and not uri.startswith("file://"):
-        return uri.rstrip("/")
+        from tasks.sources import canonical_source_uri
+
+        return canonical_source_uri(uri)
     path = uri.removeprefix("file://")
     return os.path.realpath(os.path.expanduser(path))
 

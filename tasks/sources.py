@@ -89,7 +89,12 @@ def canonical_source_uri(uri: str) -> str:
     scheme, rest = uri.split("://", 1)
     scheme = scheme.lower()
     scheme = _SCHEME_ALIASES.get(scheme, scheme)
-    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest  # no credentials
+    head = rest.split("/", 1)[0]
+    if "@" in head:
+        # no credentials; abfs://container@account names no secret and is kept
+        user = head.rsplit("@", 1)[0]
+        if scheme != "az" or ":" in user:
+            rest = rest[len(user) + 1 :]
     parts = [p for p in rest.split("/") if p]
     return f"{scheme}://{'/'.join(parts)}"
 
@@ -215,7 +220,7 @@ class Source:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
         options = fsspec_options(settings.uri, settings.storage_options, settings.credentials_block)
-        self._secrets = settings.storage_options
+        self._secrets = options  # every secret value, for redacting error texts
         try:
             fs, root = fsspec.core.url_to_fs(settings.uri, **options)
         except (ImportError, ValueError, TypeError) as exc:

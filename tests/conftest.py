@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs >= 2026 asks a gs:// endpoint over gRPC for the bucket's layout and retries for a
+# minute when it cannot answer, as no emulator can: the JSON API alone is what the tests use
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # a private Prefect home for the test session (and the CLI subprocesses it starts): the
 # temporary server's database in ~/.prefect may have been migrated by another Prefect version

@@ -67,6 +67,7 @@ bench: install
 	$(PY) benchmarks/ingest_scifact.py
 	$(PY) benchmarks/evaluate_scifact.py
 	$(PY) benchmarks/openai_ratelimit.py
+	$(PY) benchmarks/buckets.py
 
 clean:
-	rm -rf .demo-lancedb .prefect-demo .pytest_cache .mypy_cache .ruff_cache build/test-artifacts
+	rm -rf .demo-lancedb .prefect-demo .azurite .pytest_cache .mypy_cache .ruff_cache build/test-artifacts

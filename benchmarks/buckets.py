@@ -8,9 +8,11 @@ under 20 nested prefixes, or generated text when SciFact is not there. Endpoint 
 credentials come from the standard variables (AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, ...).
 
 Every run is `lanceflow ingest` called in this process (flows.cli.main), after Prefect's
-temporary API is up, so the seconds are the ingest's own work; the first run is cold for the
-table (empty) and loads the model. Two scenarios, each with its own empty table: the table
-on local disk, and the table in the same bucket server (s3://...). For each:
+temporary API is up, so the seconds are the ingest's own work. The model's one-time int8
+ONNX export is done first (`lanceflow prepare-model`, into a fresh LANCEFLOW_CACHE_DIR) and
+not timed; the first run starts with an empty table and loads the model. Two scenarios, each
+with its own empty table: the table on local disk, and the table in the same bucket server
+(s3://...). For each:
 
   first_s                  first run (everything downloaded, embedded, written, indexed)
   rerun_s, rerun_gets      a no-change re-run: seconds, GETs of document objects at the
@@ -166,6 +168,12 @@ def main() -> None:
         fs.pipe(key, data)
 
     from prefect.testing.utilities import prefect_test_harness
+
+    if args.embedder == "local":
+        from flows.cli import main as cli
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli(["prepare-model"])
 
     result: dict[str, Any] = {
         "objects": len(objects),

@@ -299,6 +299,8 @@ def _from_block(data: dict[str, Any], for_lance: bool) -> dict[str, Any]:
                 azure_storage_sas_token=parts.get("SharedAccessSignature"),
                 azure_storage_endpoint=parts.get("BlobEndpoint"),
             )
+            if str(parts.get("BlobEndpoint", "")).startswith("http://"):
+                out["allow_http"] = "true"  # a local emulator (Azurite)
             if account_url and not conn:
                 out["azure_storage_account_name"] = urlsplit(str(account_url)).netloc.split(".")[0]
         else:

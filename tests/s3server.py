@@ -92,6 +92,8 @@ class S3Server:
             kind = method.lower()
         with self.lock:
             self.counts[kind] += 1
+            if method == "PUT" and environ.get("HTTP_IF_NONE_MATCH") == "*":
+                self.counts["conditional_put"] += 1  # create-only: a commit that cannot clobber
             if kind == "object_get":
                 self.object_gets[path] += 1
         if kind == "list":

@@ -123,3 +123,37 @@ def test_an_azure_container_source_and_table(azurite, tmp_path: Path):  # noqa: 
     hits = search(store, "paid vacation days", mode="fts", k=3)
     assert hits and hits[0].doc_id == "reports/vacation-policy.html"
     assert azurite.fs().ls("az-tables/team/lancedb")
+
+
+def test_azure_credentials_from_a_prefect_block(azurite, tmp_path: Path):  # noqa: F811
+    """A block of type azure-blob-storage-credentials (prefect-azure's slug and fields, here
+    declared by the test since prefect-azure is not installed) serves source and table."""
+    from prefect.blocks.core import Block
+    from pydantic import SecretStr
+
+    class AzureBlobStorageCredentials(Block):
+        _block_type_slug = "azure-blob-storage-credentials"
+        connection_string: SecretStr | None = None
+        account_url: str | None = None
+
+    AzureBlobStorageCredentials(connection_string=SecretStr(azurite.connection_string)).save(
+        "lanceflow-azurite", overwrite=True
+    )
+    azurite.make_container("az-block")
+    fs = azurite.fs()
+    fs.pipe("az-block/in/note.md", "# 공지\n\n보안 교육은 매년 3월에 진행됩니다.".encode())
+    report = run_ingest(
+        IngestParams.model_validate(
+            {
+                "source": {"uri": "az://az-block/in", "credentials_block": "lanceflow-azurite"},
+                "store": {
+                    "uri": "az://az-block/index",
+                    "access": {"credentials_block": "lanceflow-azurite"},
+                },
+                "embedder": {"kind": "hash"},
+            }
+        )
+    )
+    assert report.documents.new == 1 and report.documents.failed == 0
+    assert azurite.account_key not in report.model_dump_json()
+    assert fs.ls("az-block/index")

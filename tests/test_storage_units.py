@@ -178,3 +178,42 @@ def test_a_new_etag_on_the_same_bytes_costs_one_download_then_none(tmp_path):
     assert run() == ((0, 0, 3), 0)  # the new ETags were recorded
     fs.pipe_file("/az/docs/sub/b.txt", b"The second document, edited.")
     assert run() == ((0, 1, 2), 1)
+
+
+def test_credentials_blocks_map_to_each_librarys_options():
+    from tasks.storage import _from_block
+
+    aws = {
+        "_type": "aws-credentials",
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "aws_secret_access_key": SecretStr(SECRET),
+        "region_name": "eu-west-1",
+        "aws_client_parameters": {"endpoint_url": "http://minio:9000"},
+    }
+    src = _from_block(aws, for_lance=False)
+    assert src["secret"].get_secret_value() == SECRET and src["endpoint_url"] == "http://minio:9000"
+    assert src["client_kwargs"] == {"region_name": "eu-west-1"}
+    tbl = _from_block(aws, for_lance=True)
+    assert tbl["aws_endpoint"] == "http://minio:9000" and tbl["allow_http"] == "true"
+    assert tbl["aws_secret_access_key"].get_secret_value() == SECRET
+    gcp = {
+        "_type": "gcp-credentials",
+        "service_account_info": {"private_key": SECRET},
+        "project": "p",
+    }
+    assert _from_block(gcp, for_lance=False)["token"].keys() >= {"private_key"}
+    assert (
+        SECRET in _from_block(gcp, for_lance=True)["google_service_account_key"].get_secret_value()
+    )
+    az = {
+        "_type": "azure-blob-storage-credentials",
+        "connection_string": SecretStr(
+            f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={SECRET};"
+            "BlobEndpoint=https://acct.blob.core.windows.net/;"
+        ),
+    }
+    lance = _from_block(az, for_lance=True)
+    assert lance["azure_storage_account_name"] == "acct" and "allow_http" not in lance
+    assert lance["azure_storage_account_key"].get_secret_value() == SECRET
+    with pytest.raises(ConfigurationError, match="not a credentials block"):
+        _from_block({"_type": "secret"}, for_lance=False)

@@ -663,12 +663,14 @@ def _maintain_parser(sub: Any) -> None:
 
 def _maintain(args: argparse.Namespace) -> int:
     from flows.maintain import maintain
-    from tasks.settings import FileSettings, MaintainSettings
+    from tasks.settings import FileSettings, MaintainSettings, SourceSettings
 
+    # keys in the source URL move into secret options before anything is stored
+    source = SourceSettings.model_validate({"uri": args.source or "-", **_file_access(args)})
     result = maintain(
         table=args.table,
-        source=args.source,
-        files=FileSettings.model_validate(_file_access(args)),
+        source=source.uri if args.source else "",
+        files=FileSettings.model_validate(source.model_dump(exclude={"uri"})),
         table_access=_table_access(args),
         maintenance=MaintainSettings(
             retention_days=args.retention_days, keep_tags=args.keep_tags, verify=bool(args.source)
@@ -710,6 +712,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--cron", default="0 2 * * *", help="nightly ingest schedule (cron)")
     p.add_argument("--timezone", default="UTC", help="time zone of the schedules (IANA name)")
     p.add_argument("--maintain-cron", default="0 4 * * 0", help="weekly maintenance (cron)")
+    _source_access_options(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -723,13 +726,18 @@ def _serve(args: argparse.Namespace) -> int:
             "serve needs a Prefect server to register its schedules with: start one with "
             "`prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
+    from tasks.settings import SourceSettings, table_access_parameter, with_options
+
+    source = SourceSettings.model_validate({"uri": args.source, **_file_access(args)})
     serve_all(
-        os.path.abspath(args.source) if "://" not in args.source else args.source,
+        os.path.abspath(source.uri) if "://" not in source.uri else source.uri,
         os.path.abspath(args.table) if "://" not in args.table else args.table,
         args.dataset,
         cron=args.cron,
         timezone=args.timezone,
         maintain_cron=args.maintain_cron,
+        files=with_options(source.model_dump(mode="json", exclude={"uri"}), source, False),
+        table_access=table_access_parameter(_table_access(args)),
     )
     return 0
 

@@ -133,7 +133,10 @@ def ingest_with(params: IngestParams) -> IngestReport:
         plan.cleanup()
     mark_record_files(run, plan)
     delete_documents(run, plan)
-    changed = plan.to_process > 0 or bool(plan.deleted_ids)
+    # documents or chunks written or removed; a run that only recorded new listing tokens (or
+    # times) in the manifest changed nothing the indexes cover
+    d, c = run.report.documents, run.report.chunks
+    changed = bool(d.new or d.changed or d.failed or c.written or c.deleted or plan.deleted_ids)
     indexes = refresh_indexes(run, changed)
     logger.info("indexes: %s", ", ".join(indexes.get("indexes", [])))
     if switch_generation(run):

@@ -22,6 +22,7 @@ from tasks.settings import (
     RunSettings,
     TableAccess,
 )
+from tasks.storage import redact_uri
 from tasks.store import store_at
 
 
@@ -57,7 +58,7 @@ def maintain(
             a credentials block.
     """
     logger = get_run_logger()
-    result: dict[str, Any] = {"table": table}
+    result: dict[str, Any] = {"table": redact_uri(table)}
     with table_lock(table, holder="maintain"):
         if maintenance.verify and source:
             report = ingest(
@@ -87,7 +88,7 @@ def maintain(
         100 * done.drift,
     )
     create_markdown_artifact(
-        f"## Maintenance of `{table}`\n\n"
+        f"## Maintenance of `{redact_uri(table)}`\n\n"
         f"- old versions of the chunks table removed: {done.versions_removed}\n"
         f"- tags removed: {', '.join(done.tags_removed) or 'none'}\n"
         f"- tags kept: {', '.join(done.tags_kept) or 'none'}\n"

@@ -30,9 +30,16 @@ def serve_deployments(
     cron: str = "0 2 * * *",
     timezone: str = "UTC",
     maintain_cron: str = "0 4 * * 0",
+    files: dict[str, Any] | None = None,
+    table_access: dict[str, Any] | None = None,
 ) -> list[Any]:
     """The deployments `lanceflow serve` runs: ingest/nightly (and ingest/manual), evaluate/
-    after-ingest when a dataset is given, maintain/weekly."""
+    after-ingest when a dataset is given, maintain/weekly.
+
+    `files` and `table_access` (the source's and the table's storage options and credentials
+    blocks) become every deployment's default parameters, so the evaluation the trigger starts
+    reaches the same table. A secret among them is stored masked, and runs then fail naming
+    a credentials block or the worker's environment instead."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
@@ -40,22 +47,24 @@ def serve_deployments(
     from flows.ingest import ingest
     from flows.maintain import maintain
 
+    access = {"table_access": table_access} if table_access else {}
+    with_files = {**access, **({"files": files} if files else {})}
     found: list[Any] = [
         ingest.to_deployment(
             name="nightly",
             schedules=[Cron(cron, timezone=timezone)],
-            parameters={"source": source, "table": table},
+            parameters={"source": source, "table": table, **with_files},
             description="Bring the index up to date with the source every night.",
         ),
         ingest.to_deployment(
             name="manual",
-            parameters={"source": source, "table": table},
+            parameters={"source": source, "table": table, **with_files},
             description="Start an ingest by hand; every parameter can be changed in the form.",
         ),
         maintain.to_deployment(
             name="weekly",
             schedules=[Cron(maintain_cron, timezone=timezone)],
-            parameters={"source": source, "table": table},
+            parameters={"source": source, "table": table, **with_files},
             description="Verify against the source, compact, prune old versions.",
         ),
     ]
@@ -63,7 +72,7 @@ def serve_deployments(
         found.append(
             evaluate.to_deployment(
                 name="after-ingest",
-                parameters={"dataset": dataset, "table": table},
+                parameters={"dataset": dataset, "table": table, **access},
                 triggers=[DeploymentEventTrigger(**AFTER_INGEST)],
                 description="Score retrieval quality after every completed ingest.",
             )

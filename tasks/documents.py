@@ -61,7 +61,7 @@ def read_and_parse(
         for item in items
         if item["kind"] == "file"
         and item["state"] != "touch"
-        and (item["size"] or 0) <= max_bytes
+        and 0 < (item["size"] or 0) <= max_bytes
         and not streamable(item["source"], item["size"] or 0)
     ]
     fetched = source.read_many(wanted, max_bytes) if wanted else {}
@@ -98,7 +98,7 @@ def read_and_parse(
             elif streamable(item["source"], item["size"] or 0):
                 o.status = "stream"  # read, chunked, embedded and written a segment at a time
             else:
-                data = fetched[item["path"]]
+                data = fetched.get(item["path"], b"")  # listed as empty: nothing to GET
                 if isinstance(data, ReadError):
                     raise data
                 o.size = len(data)

@@ -15,6 +15,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from tasks.settings import MaintainSettings
+from tasks.storage import redact_uri
 from tasks.store import EVALUATIONS, Store, optimize
 from tasks.versions import prune_tags, record_same_content
 
@@ -88,7 +89,7 @@ def _churn(store: Store, rows: int) -> float:
 def maintain_table(store: Store, settings: MaintainSettings) -> MaintenanceReport:
     """Prune tags, compact and clean every table of the live generation and the bookkeeping
     tables, and retrain the vector index when the rows drifted past the setting."""
-    report = MaintenanceReport(table=store.uri, generation=store.generation_number)
+    report = MaintenanceReport(table=redact_uri(store.uri), generation=store.generation_number)
     protect = last_good_tags(store)
     report.tags_removed = prune_tags(store, settings.keep_tags, protect)
     retention = timedelta(days=settings.retention_days)

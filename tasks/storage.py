@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
@@ -46,6 +46,7 @@ _SCHEMES = {
     "s3": "s3",
     "s3a": "s3",
     "s3n": "s3",
+    "s3+ddb": "s3",  # Lance's DynamoDB commit store
     "gs": "gs",
     "gcs": "gs",
     "az": "az",
@@ -143,6 +144,17 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 _QUERY_SECRET = re.compile(r"(?i)((?:sig|signature|token|key|secret|password|x-amz-[a-z-]+)=)[^&]*")
 
 
+#: `user[:secret]@host/path`: the user part of a URL. A secret may hold '/' (AWS secret keys
+#: do); the host is what follows the first '@' after it, so '@' later in a path is no user part
+_USERINFO = re.compile(r"^(?P<user>[^/@:]+:[^@]*|[^/@:]+)@(?P<rest>[^/@]+(?:[/?].*)?)$", re.S)
+
+
+def userinfo(rest: str) -> tuple[str, str] | None:
+    """(user part, host and path) of what follows `scheme://`, or None without a user part."""
+    m = _USERINFO.match(rest)
+    return (m["user"], m["rest"]) if m else None
+
+
 def redact_uri(uri: str) -> str:
     """A location as it may be shown: a password or key in the URL's user part and secret
     query values masked (`s3://***@bucket/p`, `https://a.blob.core.windows.net/c?sig=***`).
@@ -150,38 +162,32 @@ def redact_uri(uri: str) -> str:
     if "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
-    head, slash, tail = rest.partition("/")
-    if "@" in head:
-        user, host = head.rsplit("@", 1)
-        if ":" in user or scheme_of(uri) != "az":
-            head = f"***@{host}"
-    tail = _QUERY_SECRET.sub(r"\1***", tail)
-    if "?" in head:
-        head = _QUERY_SECRET.sub(r"\1***", head)
-    return f"{scheme}://{head}{slash}{tail}"
+    found = userinfo(rest)
+    if found and (":" in found[0] or scheme_of(uri) != "az"):
+        rest = f"***@{found[1]}"
+    rest = _QUERY_SECRET.sub(r"\1***", rest)
+    return f"{scheme}://{rest}"
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, Any]]:
     """`s3://KEY:SECRET@bucket/p` -> (`s3://bucket/p`, {'key': ..., 'secret': ...}): keys in
-    a URL's user part move into (secret) storage options, so the location that is stored and
-    shown carries none. Other URLs are returned as they are."""
+    a URL's user part (percent-encoded or not) move into secret storage options, so the
+    location that is stored and shown carries none. Other URLs are returned as they are."""
     if "://" not in uri or scheme_of(uri) not in ("s3", "gs"):
         return uri, {}
     scheme, rest = uri.split("://", 1)
-    head, slash, tail = rest.partition("/")
-    if "@" not in head:
+    found = userinfo(rest)
+    if not found:
         return uri, {}
-    user, host = head.rsplit("@", 1)
-    key, _, secret = user.partition(":")
-    options: dict[str, Any] = {}
-    if scheme_of(uri) == "s3" and key:
-        options = {"key": SecretStr(key), "secret": SecretStr(secret)}
-    elif key:
+    user, remainder = found
+    if scheme_of(uri) == "gs":
         raise ConfigurationError(
             f"{redact_uri(uri)}: credentials in a gs:// URL are not supported. Use "
             "GOOGLE_APPLICATION_CREDENTIALS or a gcp-credentials block."
         )
-    return f"{scheme}://{host}{slash}{tail}", options
+    key, _, secret = user.partition(":")
+    options = {"key": SecretStr(unquote(key)), "secret": SecretStr(unquote(secret))}
+    return f"{scheme}://{remainder}", options
 
 
 def redact_text(text: str, options: dict[str, Any] | None = None) -> str:

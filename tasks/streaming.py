@@ -46,7 +46,9 @@ def _open(source: Source, path: str) -> Any:
     except FileNotFoundError as exc:
         raise ReadError("file vanished while the run was reading") from exc
     except OSError as exc:
-        raise ReadError(f"cannot read: {exc.strerror or exc}") from exc
+        from tasks.storage import redact_text
+
+        raise ReadError(f"cannot read: {redact_text(str(exc.strerror or exc))}") from None
 
 
 def hash_file(source: Source, path: str, max_bytes: int) -> tuple[str, int]:

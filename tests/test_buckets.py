@@ -214,6 +214,7 @@ def test_downloads_are_bounded_retried_and_sized_from_the_listing(
         text = f"Note {i}: the meeting room is on floor {i}."
         fs.pipe(f"many/docs/note-{i:02d}.txt", text.encode())
     fs.pipe("many/docs/huge.txt", b"x" * (3 * 2**20))
+    fs.pipe("many/docs/empty.txt", b"")  # S3 answers 416 to any range on an empty object
     # the first two GETs of one object are refused with 503 SlowDown
     s3.slow_down["many/docs/note-07.txt"] = 2
     s3.get_delay = 0.05  # GETs overlap long enough to be counted in flight
@@ -223,10 +224,13 @@ def test_downloads_are_bounded_retried_and_sized_from_the_listing(
     finally:
         s3.get_delay = 0.0
     assert report.documents.new == 24
-    # the object over max_file_mb is refused from its listed size, before any GET
-    assert [f.doc_id for f in report.failures] == ["huge.txt"]
-    assert "max_file_mb" in report.failures[0].error
+    # the object over max_file_mb is refused from its listed size, before any GET; the empty
+    # one is read without one, and fails as an empty file
+    failed = {f.doc_id: f.error for f in report.failures}
+    assert failed.keys() == {"huge.txt", "empty.txt"}
+    assert "max_file_mb" in failed["huge.txt"] and failed["empty.txt"] == "empty file"
     assert "many/docs/huge.txt" not in s3.object_gets
+    assert "many/docs/empty.txt" not in s3.object_gets
     # the throttled object was retried until it came through
     assert s3.object_gets["many/docs/note-07.txt"] >= 3
     assert 2 <= s3.peak_in_flight <= 4

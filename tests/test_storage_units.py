@@ -82,6 +82,12 @@ def test_credentials_in_a_url_move_out_of_it_and_urls_are_redacted():
     source = SourceSettings(uri="s3://AKIAXXXX:topsecret@bucket/docs")
     assert source.uri == "s3://bucket/docs" and "topsecret" not in source.model_dump_json()
     assert redact_uri("s3://k:s@bucket/p") == "s3://***@bucket/p"
+    # AWS secret keys may hold '/', percent-encoded or not; '@' later in a path is no user part
+    for url in ("s3://AKIAX:ab/cd@bucket/p", "s3://AKIAX:ab%2Fcd@bucket/p"):
+        uri, creds = split_credentials(url)
+        assert uri == "s3://bucket/p" and creds["secret"].get_secret_value() == "ab/cd"
+        assert "ab" not in redact_uri(url)
+    assert split_credentials("s3://bucket/dir@x/f") == ("s3://bucket/dir@x/f", {})
     assert redact_uri("abfs://container@acct.dfs.core.windows.net/p") == (
         "abfs://container@acct.dfs.core.windows.net/p"
     )
@@ -217,3 +223,19 @@ def test_credentials_blocks_map_to_each_librarys_options():
     assert lance["azure_storage_account_key"].get_secret_value() == SECRET
     with pytest.raises(ConfigurationError, match="not a credentials block"):
         _from_block({"_type": "secret"}, for_lance=False)
+
+
+def test_serve_gives_its_deployments_the_source_and_table_options():
+    from flows.service import serve_deployments
+
+    deployments = serve_deployments(
+        "s3://docs/p",
+        "s3://idx/db",
+        "queries.jsonl",
+        files={"credentials_block": "aws-credentials/src", "storage_options": {}},
+        table_access={"credentials_block": "aws-credentials/tbl", "storage_options": {}},
+    )
+    by_name = {d.name: d.parameters for d in deployments}
+    assert by_name["nightly"]["files"]["credentials_block"] == "aws-credentials/src"
+    for name in ("nightly", "manual", "weekly", "after-ingest"):
+        assert by_name[name]["table_access"]["credentials_block"] == "aws-credentials/tbl"

@@ -75,6 +75,14 @@ def _file_access(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _source_settings(args: argparse.Namespace, uri: str) -> Any:
+    """The source's settings from the command line; keys in its URL move into secret options
+    before anything is stored."""
+    from tasks.settings import SourceSettings
+
+    return SourceSettings.model_validate({"uri": uri, **_file_access(args)})
+
+
 def _open_table(args: argparse.Namespace) -> Any:
     from tasks.store import store_at
 
@@ -663,10 +671,9 @@ def _maintain_parser(sub: Any) -> None:
 
 def _maintain(args: argparse.Namespace) -> int:
     from flows.maintain import maintain
-    from tasks.settings import FileSettings, MaintainSettings, SourceSettings
+    from tasks.settings import FileSettings, MaintainSettings
 
-    # keys in the source URL move into secret options before anything is stored
-    source = SourceSettings.model_validate({"uri": args.source or "-", **_file_access(args)})
+    source = _source_settings(args, args.source or "-")
     result = maintain(
         table=args.table,
         source=source.uri if args.source else "",
@@ -726,9 +733,9 @@ def _serve(args: argparse.Namespace) -> int:
             "serve needs a Prefect server to register its schedules with: start one with "
             "`prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    from tasks.settings import SourceSettings, table_access_parameter, with_options
+    from tasks.settings import table_access_parameter, with_options
 
-    source = SourceSettings.model_validate({"uri": args.source, **_file_access(args)})
+    source = _source_settings(args, args.source)
     serve_all(
         os.path.abspath(source.uri) if "://" not in source.uri else source.uri,
         os.path.abspath(args.table) if "://" not in args.table else args.table,

@@ -351,7 +351,7 @@ class Source:
             for full, info in self._walk_prefixes(root):
                 first = False
                 rel = full[len(root) :].lstrip("/") if full.startswith(root) else full
-                if not rel or full.endswith("/"):
+                if not rel:
                     continue
                 mtime = _mtime(info)
                 if mtime == 0.0:
@@ -374,10 +374,8 @@ class Source:
                 "the bucket."
             ) from None
         except Exception as exc:
-            if not first:
-                # cut short mid-listing: keep what was listed, delete nothing
-                self._listing_failed("", f"listing cut short: {_brief(exc, self._secrets)}")
-                return
+            # only the root's own listing raises here, before anything was listed (a deeper
+            # prefix's failure is recorded by _walk_prefixes)
             raise SourceError(
                 f"source {shown!r} cannot be listed: {_brief(exc, self._secrets)}"
             ) from None

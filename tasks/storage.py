@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -68,52 +69,49 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key.lower()))
 
 
+def _mapped(options: dict[str, Any] | None, leaf: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """The options with `leaf(key, value)` applied to every value that is not a dict (nested
+    dicts are walked)."""
+    return {
+        key: _mapped(value, leaf) if isinstance(value, dict) else leaf(str(key), value)
+        for key, value in (options or {}).items()
+    }
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    return isinstance(value, SecretStr) or (is_secret_key(key) and value is not None)
+
+
+def _plain(value: Any) -> Any:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _protect_leaf(key: str, value: Any) -> Any:
+    if isinstance(value, SecretStr) or not _is_secret(key, value):
+        return value
+    if value == MASK:
+        raise ValueError(
+            f"storage option {key!r} arrived masked ({MASK}): secrets are never stored "
+            "with flow parameters. Give them through a credentials block "
+            "(credentials_block) or the worker's environment."
+        )
+    return SecretStr(str(value))
+
+
 def protect(options: dict[str, Any] | None) -> dict[str, Any]:
     """Options with every secret value wrapped in SecretStr (nested dicts too). A value that
     arrives already masked (a flow run started from stored parameters) is refused."""
-    out: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if isinstance(value, dict):
-            out[key] = protect(value)
-        elif isinstance(value, SecretStr):
-            out[key] = value
-        elif is_secret_key(str(key)) and value is not None:
-            if value == MASK:
-                raise ValueError(
-                    f"storage option {key!r} arrived masked ({MASK}): secrets are never stored "
-                    "with flow parameters. Give them through a credentials block "
-                    "(credentials_block) or the worker's environment."
-                )
-            out[key] = SecretStr(str(value))
-        else:
-            out[key] = value
-    return out
+    return _mapped(options, _protect_leaf)
 
 
 def reveal(options: dict[str, Any] | None) -> dict[str, Any]:
     """The options with their real values: only for the filesystem or database connection."""
-    out: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if isinstance(value, dict):
-            out[key] = reveal(value)
-        elif isinstance(value, SecretStr):
-            out[key] = value.get_secret_value()
-        else:
-            out[key] = value
-    return out
+    return _mapped(options, lambda _key, value: _plain(value))
 
 
 def masked(options: dict[str, Any] | None) -> dict[str, Any]:
     """The options as they may be shown: secrets replaced by the mask."""
-    out: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if isinstance(value, dict):
-            out[key] = masked(value)
-        elif isinstance(value, SecretStr) or (is_secret_key(str(key)) and value is not None):
-            out[key] = MASK
-        else:
-            out[key] = value
-    return out
+    return _mapped(options, lambda key, value: MASK if _is_secret(key, value) else value)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -202,15 +200,14 @@ def redact_text(text: str, options: dict[str, Any] | None = None) -> str:
 
 
 def _secret_values(options: dict[str, Any] | None) -> list[str]:
-    out: list[str] = []
-    for key, value in (options or {}).items():
-        if isinstance(value, dict):
-            out.extend(_secret_values(value))
-        elif isinstance(value, SecretStr):
-            out.append(value.get_secret_value())
-        elif is_secret_key(str(key)) and isinstance(value, str):
-            out.append(value)
-    return out
+    found: list[str] = []
+
+    def collect(key: str, value: Any) -> None:
+        if _is_secret(key, value) and isinstance(_plain(value), str):
+            found.append(_plain(value))
+
+    _mapped(options, collect)
+    return found
 
 
 # ---- credentials blocks ------------------------------------------------------------------
@@ -243,19 +240,10 @@ def read_block(name: str, scheme: str) -> dict[str, Any]:
     return data
 
 
-def _block_value(data: dict[str, Any], key: str) -> Any:
-    value = data.get(key)
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, dict) and "_secret" in value:  # never expected; defensive
-        return None
-    return value
-
-
 def _from_block(data: dict[str, Any], for_lance: bool) -> dict[str, Any]:
     """A credentials block's fields as fsspec (`for_lance=False`) or LanceDB storage options."""
     kind = data.get("_type", "")
-    get = lambda k: _block_value(data, k)  # noqa: E731
+    get = lambda k: _plain(data.get(k))  # noqa: E731
     out: dict[str, Any] = {}
     if kind == "aws-credentials":
         params = get("aws_client_parameters") or {}
@@ -285,14 +273,15 @@ def _from_block(data: dict[str, Any], for_lance: bool) -> dict[str, Any]:
                 out["client_kwargs"] = client_kwargs
     elif kind == "gcp-credentials":
         info = get("service_account_info")
+        info = reveal(info) if isinstance(info, dict) else info
         path = get("service_account_file")
         if for_lance:
             if info:
-                out["google_service_account_key"] = json.dumps(_plain(info))
+                out["google_service_account_key"] = json.dumps(info)
             elif path:
                 out["google_service_account"] = str(path)
         else:
-            out["token"] = _plain(info) if info else (str(path) if path else None)
+            out["token"] = info if info else (str(path) if path else None)
             out["project"] = get("project")
     elif kind.startswith("azure"):
         conn = get("connection_string")
@@ -319,14 +308,6 @@ def _from_block(data: dict[str, Any], for_lance: bool) -> dict[str, Any]:
             "aws-credentials, gcp-credentials or azure-blob-storage-credentials"
         )
     return protect({k: v for k, v in out.items() if v not in (None, "", {})})
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _parse_connection_string(conn: str) -> dict[str, str]:

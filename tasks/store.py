@@ -716,15 +716,14 @@ def report_json(report: Any) -> str:
 
 def open_store(settings: Any) -> Store:
     """The Store for a StoreSettings: its location, storage options and credentials block."""
-    from tasks.storage import lance_options
-
-    access = settings.access
-    options = lance_options(settings.uri, access.storage_options, access.credentials_block)
-    return Store(settings.uri, storage_options=options)
+    return store_at(settings.uri, settings.access)
 
 
 def store_at(uri: str, access: Any = None) -> Store:
     """The Store at `uri` with a TableAccess (None: the environment only)."""
-    from tasks.settings import StoreSettings, TableAccess
+    from tasks.storage import lance_options
 
-    return open_store(StoreSettings(uri=uri, access=access or TableAccess()))
+    if access is None:
+        return Store(uri, storage_options=lance_options(uri, None))
+    options = lance_options(uri, access.storage_options, access.credentials_block)
+    return Store(uri, storage_options=options)

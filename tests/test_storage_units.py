@@ -39,7 +39,8 @@ def test_change_tokens_prefer_a_content_hash_from_the_listing():
     gcs = {"md5Hash": base64.b64encode(md5).decode(), "etag": "CJ+7", "generation": "17"}
     assert change_token(gcs) == f"md5:{md5.hex()}"
     # Azure: Content-MD5 when the uploader set one (bytes), else the per-write etag
-    assert change_token({"content_settings": {"content_md5": bytearray(md5)}, "etag": "0x8D"})
+    azure = {"content_settings": {"content_md5": bytearray(md5)}, "etag": "0x8D"}
+    assert change_token(azure) == f"md5:{md5.hex()}"
     assert change_token({"content_settings": {"content_md5": None}, "etag": '"0x8D1"'}) == (
         "etag:0x8d1"
     )

@@ -240,12 +240,19 @@ def submit_run_form(
             )
             run_id = None
             try:
-                with page.expect_response(
-                    lambda r: r.request.method == "POST" and bool(create_re.search(r.url)),
-                    timeout=min(ms_left(), 30000),
-                ) as resp_info:
-                    submit.click()
-                resp = resp_info.value
+                for attempt in range(1, 4):
+                    with page.expect_response(
+                        lambda r: r.request.method == "POST" and bool(create_re.search(r.url)),
+                        timeout=min(ms_left(), 30000),
+                    ) as resp_info:
+                        submit.click()
+                    resp = resp_info.value
+                    # a busy server (its SQLite database locked) answers 503 and creates
+                    # nothing: submit again, as a user would
+                    if resp.status != 503 or attempt == 3:
+                        break
+                    logs.append(f"create_flow_run answered 503 (attempt {attempt}); resubmitting")
+                    page.wait_for_timeout(2000)
                 if resp.status >= 400:
                     raise RuntimeError(
                         f"create_flow_run failed: HTTP {resp.status}: {resp.text()[:500]}"

@@ -125,6 +125,23 @@ def _ingest_parser(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="texts per model call")
     p.add_argument("--batch-docs", type=int, default=256, help="documents per write batch")
+    g = p.add_argument_group("runner (--runner ray: pip install 'lanceflow[ray]')")
+    g.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "ray"],
+        help="'local': this process, stages overlapped; 'ray': a Ray Data pipeline, one commit",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join ('auto', 'ray://head:10001'); default: a local Ray instance",
+    )
+    g.add_argument("--ray-workers", type=int, default=2, help="Ray: embedding actors")
+    g.add_argument(
+        "--ray-gpus-per-worker", type=float, default=0.0, help="Ray: GPUs per embedding actor"
+    )
     p.add_argument(
         "--include",
         action="append",
@@ -365,6 +382,10 @@ def _ingest(args: argparse.Namespace) -> int:
                     "fleet_limit": args.fleet_limit,
                 },
                 "batch_docs": args.batch_docs,
+                "runner": args.runner,
+                "ray_address": args.ray_address,
+                "ray_workers": args.ray_workers,
+                "ray_gpus_per_worker": args.ray_gpus_per_worker,
                 "max_failed_fraction": args.max_failed_fraction,
                 "max_delete_fraction": args.max_delete_fraction,
                 "verify": args.verify,

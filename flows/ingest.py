@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import get_run_context
+from prefect.utilities.annotations import quote
 from pydantic import Field
 from tqdm import tqdm
 
 from tasks.crashpoints import pause_point
 from tasks.locking import table_lock
-from tasks.plan import iter_work
+from tasks.plan import Plan, iter_work
 from tasks.report import IngestReport
+from tasks.runs import IngestRun
 from tasks.settings import (
     DEFAULT_DB_URI,
     ChunkSettings,
@@ -31,13 +34,13 @@ from tasks.settings import (
     TableAccess,
 )
 from tasks.steps import (
-    chunk_documents,
     delete_documents,
     embed_chunks,
+    ingest_on_ray,
     list_documents,
     mark_record_files,
     open_run_task,
-    read_documents,
+    prepare_documents,
     refresh_indexes,
     report_run,
     stream_documents,
@@ -46,6 +49,9 @@ from tasks.steps import (
 )
 
 log = logging.getLogger(__name__)
+
+#: batches read, parsed and chunked ahead of the one being embedded
+PREFETCH = 2
 
 
 @flow(name="ingest", persist_result=False, validate_parameters=True)
@@ -97,6 +103,63 @@ def run_ingest(params: IngestParams) -> IngestReport:
     return ingest(**params.flow_parameters(secrets=True))
 
 
+def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
+    """The default runner: read+parse+chunk, embed and write overlap. While the model embeds
+    batch N, batch N+1 (and N+2) are read, parsed and chunked and batch N-1 is written, each
+    in the flow's task-runner threads; bounded (PREFETCH batches ahead, one write in flight,
+    so commits stay in order and memory stays flat). Long documents are streamed after their
+    batch is written."""
+    params = run.params
+    work = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
+    ahead: deque[Any] = deque()
+    run.chunker  # noqa: B018 - built once here, not by two prefetching threads at once
+
+    def refill() -> None:
+        while len(ahead) < PREFETCH:
+            items = next(work, None)
+            if items is None:
+                return
+            ahead.append((len(items), prepare_documents.submit(quote(run), quote(items))))
+
+    writing: tuple[int, Any, Any] | None = None
+    done = 0
+
+    def finish_write() -> None:
+        nonlocal writing, done
+        if writing is None:
+            return
+        count, outcomes, future = writing
+        writing = None
+        future.result()
+        stream_documents(run, outcomes)
+        done += count
+        bar.update(count)
+        update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)
+
+    with tqdm(
+        total=plan.to_process, unit="doc", file=sys.stderr, disable=None, desc="ingest"
+    ) as bar:
+        refill()
+        try:
+            while ahead:
+                count, prepared = ahead.popleft()
+                outcomes = prepared.result()
+                refill()
+                batch = embed_chunks(run, outcomes)
+                finish_write()  # the previous batch's commits come first
+                writing = (
+                    count,
+                    outcomes,
+                    write_chunks.submit(quote(run), quote(outcomes), quote(batch)),
+                )
+            finish_write()
+        finally:
+            for _, future in ahead:  # a failed run leaves no task behind
+                future.wait()
+            if writing is not None:
+                writing[2].wait()
+
+
 def ingest_with(params: IngestParams) -> IngestReport:
     """The ingest flow's body, for a caller that holds the table's write slot."""
     logger = get_run_logger()
@@ -115,20 +178,18 @@ def ingest_with(params: IngestParams) -> IngestReport:
     progress_id: Any = create_progress_artifact(
         progress=0.0, description=f"documents processed of {plan.to_process}"
     )
-    done = 0
     try:
-        with tqdm(
-            total=plan.to_process, unit="doc", file=sys.stderr, disable=None, desc="ingest"
-        ) as bar:
-            for items in iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20)):
-                outcomes = read_documents(run, items)
-                chunk_documents(run, outcomes)
-                batch = embed_chunks(run, outcomes)
-                write_chunks(run, outcomes, batch)
-                stream_documents(run, outcomes)
-                done += len(items)
-                bar.update(len(items))
-                update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)
+        if params.runner == "ray" and plan.to_process:
+            ray_step = ingest_on_ray(run, plan)
+            logger.info(
+                "ray: %d fragments in one commit (table version %d -> %d)",
+                ray_step["fragments"],
+                ray_step["version_before"],
+                ray_step["version_after"],
+            )
+            update_progress_artifact(progress_id, progress=100.0)
+        elif plan.to_process:
+            _pipeline(run, plan, progress_id)
     finally:
         plan.cleanup()
     mark_record_files(run, plan)

@@ -3,6 +3,8 @@
 `LANCEFLOW_CRASH_AT=NAME` (or `NAME:N` for its N-th passage) makes the process kill itself
 with SIGKILL when it reaches that point: no cleanup, no `finally`, exactly like a power cut or
 the OOM killer. Unset (always, outside those tests), a crash point costs one dict lookup.
+With `LANCEFLOW_CRASH_MARKER=PATH` it fires once across processes: the first process to
+create PATH dies, later ones (a restarted Ray worker) pass.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ POINTS = (
     "during-index-refresh",  # one full-text index is built, the other is not
     "before-switch",  # a reindexed generation is complete and indexed, not yet live
     "after-switch",  # the new generation is live, the old one not yet dropped
+    "ray-embed",  # a Ray embedding actor has embedded a shard, not yet returned it
 )
 #: where LANCEFLOW_PAUSE_AT can hold a run
 PAUSE_POINTS = ("after-plan",)  # the ingest flow holds the table's write slot and has its plan
@@ -33,6 +36,12 @@ def crash_point(name: str) -> None:
         return
     _passed[name] = _passed.get(name, 0) + 1
     if _passed[name] >= int(nth or 1):
+        marker = os.environ.get("LANCEFLOW_CRASH_MARKER")
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

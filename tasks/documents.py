@@ -43,6 +43,12 @@ class DocOutcome:
     old_hash: str | None = None
     #: the object's change token from the listing, recorded in the manifest
     etag: str | None = None
+    #: chunks written for the document, once its chunk list is dropped (the Ray runner)
+    chunk_total: int | None = None
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks) if self.chunk_total is None else self.chunk_total
 
     @property
     def title(self) -> str:

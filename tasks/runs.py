@@ -4,6 +4,7 @@ check uses these without starting the orchestrator)."""
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ class IngestRun:
     cache_tables: tuple[str, ...] = ()
     #: vectors computed but not yet written (a retried embed task reuses them)
     memo: dict[str, Any] = field(default_factory=dict)
+    #: text hashes of batches whose chunks are committed (the writer may run beside the
+    #: embedder): dropped from the memo before the next embedding looks anything up
+    committed: queue.SimpleQueue[list[str]] = field(default_factory=queue.SimpleQueue)
     started: float = field(default_factory=time.time)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _embedder: Embedder | None = None
@@ -83,6 +87,9 @@ class IngestRun:
         from tasks.embedding import embed_outcomes
         from tasks.errors import ModelMismatchError
 
+        while not self.committed.empty():  # those vectors are in the table now
+            for h in self.committed.get_nowait():
+                self.memo.pop(h, None)
         batch = embed_outcomes(
             outcomes,
             self.embedder,

@@ -294,6 +294,22 @@ class RunSettings(_Model):
         description="Settings differ from the table's: build a new index generation with these "
         "settings beside the live one and switch to it atomically when it is complete.",
     )
+    runner: Literal["local", "ray"] = Field(
+        "local",
+        description="'local': every stage in this process, overlapped. 'ray': parse, embed and "
+        "write on a Ray cluster (pip install 'lanceflow[ray]'), one table commit per run.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="The Ray cluster to join ('auto', 'ray://head:10001'); empty starts a "
+        "local Ray instance on this machine.",
+    )
+    ray_workers: int = Field(
+        2, ge=1, le=4_096, description="Ray: embedding actors (each loads the model once)."
+    )
+    ray_gpus_per_worker: float = Field(
+        0.0, ge=0.0, le=16.0, description="Ray: GPUs each embedding actor reserves (0: CPU)."
+    )
 
 
 class IngestParams(RunSettings):

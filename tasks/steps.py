@@ -78,17 +78,14 @@ def list_documents(run: IngestRun) -> Plan:
     return plan
 
 
-@_io_task("read_documents")
-def read_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[DocOutcome]:
+@_io_task("prepare_documents")
+def prepare_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[DocOutcome]:
+    """Read, parse and chunk one batch (the default runner runs it ahead of the embedder)."""
     max_bytes = int(run.params.source.max_file_mb * 2**20)
-    return read_and_parse(items, run.source, max_bytes)
-
-
-@task(name="chunk_documents", cache_policy=NO_CACHE, persist_result=False)
-def chunk_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
-    if not any(o.parsed is not None for o in outcomes):
-        return 0
-    return chunk_outcomes(outcomes, run.chunker)
+    outcomes = read_and_parse(items, run.source, max_bytes)
+    if any(o.parsed is not None for o in outcomes):
+        chunk_outcomes(outcomes, run.chunker)
+    return outcomes
 
 
 @_io_task("embed_chunks")
@@ -104,7 +101,8 @@ def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
 def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
     counts = write_batch(run.store, outcomes, batch.rows, run.source_uri)
     run.report.merge(counts)  # only after both commits: a retry never counts twice
-    run.memo.clear()  # every vector of the batch is in the table now
+    if batch.rows is not None:  # every vector of the batch is in the table now
+        run.committed.put(batch.rows.column("text_hash").to_pylist())
 
 
 @_io_task("stream_documents")
@@ -116,6 +114,22 @@ def stream_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
         counts = stream_one(run, o)
         run.report.merge(counts)  # once the document is complete: a retry never counts twice
     return len(long_docs)
+
+
+@task(name="ingest_on_ray", cache_policy=NO_CACHE, persist_result=False)
+def ingest_on_ray(run: IngestRun, plan: Plan) -> dict[str, Any]:
+    """`--runner ray`: every planned document through one Ray Data pipeline (parse and chunk
+    on CPU workers, embed in an actor pool, fragment writes in parallel) and one table commit.
+    Not retried as a whole: Ray retries a failed shard itself, and a re-run converges."""
+    from tasks.ray_runner import ingest_on_ray as run_on_ray
+
+    result = run_on_ray(run, plan)
+    return {
+        "fragments": result.fragments,
+        "version_before": result.version_before,
+        "version_after": result.version_after,
+        "streamed": len(result.streamed),
+    }
 
 
 @_io_task("mark_record_files")

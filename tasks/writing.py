@@ -61,6 +61,17 @@ def write_batch(
     return counts
 
 
+def write_manifest(
+    store: Store, outcomes: Sequence[DocOutcome], source_uri: str, per_doc: dict[str, int]
+) -> IngestReport:
+    """Manifest rows for outcomes whose chunks are committed already (the Ray runner);
+    `per_doc`: chunks written per document id."""
+    counts = IngestReport()
+    keys = {o.doc_id: doc_key(source_uri, o.doc_id) for o in outcomes}
+    _write_manifest(store, outcomes, keys, source_uri, counts, per_doc, None)
+    return counts
+
+
 def _write_manifest(
     store: Store,
     outcomes: Sequence[DocOutcome],
@@ -86,7 +97,7 @@ def _write_manifest(
             "size": o.size,
             "mtime": o.mtime,
             "etag": o.etag,
-            "chunk_count": len(o.chunks) if streamed_chunks is None else streamed_chunks,
+            "chunk_count": o.chunk_count if streamed_chunks is None else streamed_chunks,
             "status": "ok",
             "error": None,
             "title": o.title,

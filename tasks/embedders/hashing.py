@@ -8,6 +8,7 @@ plumbing (chunking, caching, writing, search) works and to measure it without a 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,9 @@ from tasks.embedders.base import normalize
 _WORD = re.compile(r"\w+", re.UNICODE)
 HASH_MODEL = "lanceflow-hash"
 HASH_VERSION = "1"
+#: a file to which every embed call appends "PID TEXTS" (tests and benchmarks count the
+#: texts embedded across processes with it)
+CALLS_LOG_ENV = "LANCEFLOW_HASH_CALLS_LOG"
 
 
 class _WordTokenizer:
@@ -55,6 +59,11 @@ class HashEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.batches += 1
         self.texts_embedded += len(texts)
+        calls_log = os.environ.get(CALLS_LOG_ENV)
+        if calls_log:
+            # one line per call, appended atomically: counts across processes (Ray workers)
+            with open(calls_log, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()} {len(texts)}\n")
         dim = self._dimension
         out = np.zeros((len(texts), dim), dtype=np.float32)
         for row, text in enumerate(texts):

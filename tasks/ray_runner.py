@@ -1,0 +1,560 @@
+"""`--runner ray`: one ingest's parse, embed and write stages as a Ray Data pipeline.
+
+Prefect orchestrates the run as on the default runner (plan, deletions, indexes, generation
+switch, report); the coarse step between the plan and the deletions is this module:
+
+    shards (the plan's work, a batch of documents each, put in Ray's object store)
+      -> parse_and_chunk   CPU tasks: read, parse and chunk the shard's documents
+      -> EmbedWorker       an actor pool: the model loads once per actor (num_gpus per actor on
+                           a GPU cluster); the table's embedding cache is consulted first
+      -> write_fragments   CPU tasks: each batch's rows become Lance data files in parallel
+      -> one commit        on the driver, once every shard succeeded: the new fragments and
+                           the deletion files of the documents they replace, in ONE Lance
+                           transaction (one new table version for the whole run)
+      -> manifest rows     only after the commit, as on the default runner, so a crash in
+                           between makes the next run redo those documents (and converge)
+
+Everything that crosses a process boundary is plain data: the run's settings (a pydantic
+model), the generation, shard tables, pickled per-document outcomes, Arrow IPC bytes and
+fragment metadata as JSON. Worker-side objects (source, chunker, embedder, store) are built
+once per worker process from those settings.
+
+The rows are built by the same function as on the default runner (tasks.embedding.
+embed_outcomes), so both runners write identical chunk ids, texts and vectors.
+
+Long text documents (tasks.streaming) are not split across Ray workers: they come back from
+the pipeline unprocessed and the driver streams them a segment at a time afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from pydantic import SecretStr
+
+from tasks.errors import ConfigurationError, LanceflowError
+from tasks.generations import Generation
+from tasks.settings import IngestParams
+
+log = logging.getLogger(__name__)
+
+#: logical CPUs each stage reserves per task or actor. Fractions, so that on a small node
+#: the embedding actors (which hold their share for the whole run) never starve the parse
+#: and write tasks of a CPU to be scheduled on: the OS shares the real cores among them
+EMBED_CPUS = 0.5
+TASK_CPUS = 0.5
+
+
+class RayRunnerError(LanceflowError):
+    """Ray is missing, unreachable, or its pipeline failed."""
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """What a worker needs to rebuild its side of one run: settings, never live objects."""
+
+    params: IngestParams
+    generation: Generation
+    cache_tables: tuple[str, ...]
+    source_uri: str
+    dataset_uri: str  # the chunks table's Lance dataset
+    storage_options: dict[str, str] | None = None
+    job_id: str = ""
+    #: the table's Lance file format version (new data files must match it)
+    data_storage_version: str | None = None
+    #: the OpenAI key resolved on the driver (workers may have no Prefect API or environment)
+    api_key: SecretStr | None = None
+
+
+@dataclass
+class RayResult:
+    """What the pipeline did, for the run's report."""
+
+    embedded: int = 0
+    cached: int = 0
+    fragments: int = 0
+    version_before: int = 0
+    version_after: int = 0
+    streamed: list[Any] = field(default_factory=list)
+
+
+# ---- worker side -------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker_objects(job: RayJob) -> dict[str, Any]:
+    """Source, chunker, embedder and store of this job, once per worker process."""
+    with _WORKER_LOCK:
+        objs = _WORKER.get(job.job_id)
+        if objs is None:
+            from tasks.embedding import build_embedder, make_chunker
+            from tasks.sources import Source
+            from tasks.store import store_at
+
+            if job.params.embedder.kind == "openai":
+                from tasks.embedders.openai import get_openai_embedder
+
+                key = job.api_key.get_secret_value() if job.api_key else None
+                embedder: Any = get_openai_embedder(job.params.embedder, key)
+            else:
+                embedder = build_embedder(job.params.embedder)
+            store = store_at(job.params.store.uri, job.params.store.access).at(job.generation)
+            objs = {
+                "source": Source(job.params.source),
+                "embedder": embedder,
+                "chunker": make_chunker(embedder, job.params.chunking),
+                "store": store,
+            }
+            _WORKER.clear()  # one job per worker process at a time
+            _WORKER[job.job_id] = objs
+        return objs
+
+
+def parse_and_chunk(batch: pa.Table, job: RayJob) -> pa.Table:
+    """Ray Data stage (CPU tasks): one shard of planned work -> its chunked outcomes."""
+    from tasks.documents import chunk_outcomes, read_and_parse
+
+    objs = _worker_objects(job)
+    out = []
+    max_bytes = int(job.params.source.max_file_mb * 2**20)
+    for blob in batch.column("items").to_pylist():
+        items = pickle.loads(blob)
+        outcomes = read_and_parse(items, objs["source"], max_bytes)
+        chunk_outcomes(outcomes, objs["chunker"])
+        out.append(pickle.dumps(outcomes, protocol=5))
+    return pa.table({"outcomes": pa.array(out, pa.large_binary())})
+
+
+class EmbedWorker:
+    """Ray Data stage (an actor pool): the model is loaded once per actor."""
+
+    def __init__(self, job: RayJob) -> None:
+        self.job = job
+        objs = _worker_objects(job)
+        self.embedder = objs["embedder"]
+        self.store = objs["store"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from tasks.crashpoints import crash_point
+        from tasks.embedding import embed_outcomes
+        from tasks.parsing import ParsedDocument
+
+        rows_out, outcomes_out, embedded, cached = [], [], [], []
+        for blob in batch.column("outcomes").to_pylist():
+            outcomes = pickle.loads(blob)
+            result = embed_outcomes(
+                outcomes,
+                self.embedder,
+                self.store,
+                self.job.params.embedder.kind,
+                self.job.source_uri,
+                cache_tables=self.job.cache_tables,
+            )
+            crash_point("ray-embed")
+            written: dict[str, int] = {}
+            if result.rows is not None:
+                rows_out.append(_to_ipc(result.rows))
+                for doc_id in result.rows.column("doc_id").to_pylist():
+                    written[doc_id] = written.get(doc_id, 0) + 1
+            else:
+                rows_out.append(b"")
+            for o in outcomes:  # the manifest needs a document's counts, not its text
+                if o.status != "stream":
+                    o.chunk_total = written.get(o.doc_id, 0)
+                    o.chunks = []
+                if o.parsed is not None:
+                    o.parsed = ParsedDocument(o.doc_id, "", o.parsed.title)
+            outcomes_out.append(pickle.dumps(outcomes, protocol=5))
+            embedded.append(result.embedded)
+            cached.append(result.cached)
+        return pa.table(
+            {
+                "rows": pa.array(rows_out, pa.large_binary()),
+                "outcomes": pa.array(outcomes_out, pa.large_binary()),
+                "embedded": pa.array(embedded, pa.int64()),
+                "cached": pa.array(cached, pa.int64()),
+            }
+        )
+
+
+def write_fragments(batch: pa.Table, job: RayJob) -> pa.Table:
+    """Ray Data stage (CPU tasks): a batch's rows become Lance data files (not committed)."""
+    from lance.fragment import write_fragments as lance_write
+
+    frags_out: list[list[str]] = []
+    for blob in batch.column("rows").to_pylist():
+        if not blob:
+            frags_out.append([])
+            continue
+        rows = pa.ipc.open_stream(blob).read_all()
+        frags = lance_write(
+            rows,
+            job.dataset_uri,
+            schema=rows.schema,
+            mode="append",
+            storage_options=job.storage_options,
+            data_storage_version=job.data_storage_version,
+        )
+        frags_out.append([json.dumps(f.to_json()) for f in frags])
+    return pa.table(
+        {
+            "fragments": pa.array(frags_out, pa.list_(pa.string())),
+            "outcomes": batch.column("outcomes"),
+            "embedded": batch.column("embedded"),
+            "cached": batch.column("cached"),
+            "chunks": pa.array(
+                [
+                    pa.ipc.open_stream(b).read_all().num_rows if b else 0
+                    for b in batch.column("rows").to_pylist()
+                ],
+                pa.int64(),
+            ),
+        }
+    )
+
+
+def _to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+# ---- driver side -------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigurationError(
+            "--runner ray needs Ray: pip install 'lanceflow[ray]' (on every node of the cluster)"
+        ) from None
+    return ray
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> Any:
+    """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one;
+    a process already connected keeps its connection."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(
+            address=address or None,
+            num_cpus=num_cpus if not address else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+    except Exception as exc:
+        raise RayRunnerError(
+            f"cannot reach the Ray cluster at {address or 'a new local instance'}: "
+            f"{type(exc).__name__}: {exc}. Start one (`ray start --head`) or pass "
+            "--ray-address"
+        ) from None
+    return ray
+
+
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's lanceflow, Prefect and Hugging Face settings, for the workers (a remote
+    cluster's workers do not share this environment). Secrets are never put in a runtime
+    environment (Ray shows those): keys travel inside the job, or come from the cluster's own
+    environment."""
+    prefixes = ("LANCEFLOW_", "PREFECT_API_URL", "HF_", "TRANSFORMERS_OFFLINE")
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(prefixes) and not any(w in k.upper() for w in _SECRET_WORDS)
+    }
+
+
+def shard_refs(ray: Any, batches: Iterator[list[dict[str, Any]]]) -> list[Any]:
+    """The plan's batches as object-store refs of one-row tables (one shard each)."""
+    refs = []
+    for items in batches:
+        blob = pa.array([pickle.dumps(items, protocol=5)], pa.large_binary())
+        refs.append(ray.put(pa.table({"items": blob})))
+    return refs
+
+
+def run_pipeline(
+    job: RayJob,
+    batches: Iterator[list[dict[str, Any]]],
+    *,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    on_shard: Any = None,
+) -> tuple[list[str], str, int, int, int]:
+    """Run the Ray Data pipeline over the plan's batches.
+
+    Returns (fragment JSONs, path of the spilled outcomes, embedded, cached, chunks). Outcomes
+    are spilled to a local file as results arrive (the driver's memory does not grow with the
+    corpus); fragments are small metadata records.
+    """
+    ray = connect(job.params.ray_address)
+    import ray.data as rd
+
+    refs = shard_refs(ray, batches)
+    if not refs:
+        return [], "", 0, 0, 0
+    ctx = rd.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    env = {"env_vars": worker_env()}
+    ds: Any = rd.from_arrow_refs(refs)
+    ds = ds.map_batches(
+        parse_and_chunk,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"job": job},
+        num_cpus=TASK_CPUS,
+        runtime_env=env,
+    )
+    ds = ds.map_batches(
+        EmbedWorker,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={"job": job},
+        compute=rd.ActorPoolStrategy(size=workers),
+        num_cpus=EMBED_CPUS,
+        num_gpus=gpus_per_worker or None,
+        max_restarts=-1,
+        max_task_retries=-1,
+        runtime_env=env,
+    )
+    ds = ds.map_batches(
+        write_fragments,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"job": job},
+        num_cpus=TASK_CPUS,
+        runtime_env=env,
+    )
+    spill_dir = tempfile.mkdtemp(prefix="lanceflow-ray-")
+    spill = os.path.join(spill_dir, "outcomes.pickle")
+    fragments: list[str] = []
+    embedded = cached = chunks = 0
+    try:
+        with open(spill, "wb") as fh:
+            for row in ds.iter_rows():
+                fragments.extend(row["fragments"])
+                fh.write(row["outcomes"])
+                embedded += int(row["embedded"])
+                cached += int(row["cached"])
+                chunks += int(row["chunks"])
+                if on_shard is not None:
+                    on_shard(pickle.loads(row["outcomes"]))
+    except LanceflowError:
+        raise
+    except Exception as exc:
+        raise RayRunnerError(f"the Ray pipeline failed: {type(exc).__name__}: {exc}") from exc
+    return fragments, spill, embedded, cached, chunks
+
+
+def iter_spilled(path: str) -> Iterator[list[Any]]:
+    """The outcome lists written by run_pipeline, one shard at a time."""
+    if not path:
+        return
+    with open(path, "rb") as fh:
+        while True:
+            try:
+                yield pickle.load(fh)
+            except EOFError:
+                return
+
+
+def commit_fragments(
+    dataset_uri: str,
+    fragments: list[str],
+    replace_doc_keys: list[str],
+    storage_options: dict[str, str] | None,
+) -> tuple[int, int]:
+    """The run's one commit: the new fragments plus deletion files for the documents they
+    replace, as one Lance transaction. Returns (version before, version after)."""
+    import lance
+    from lance.fragment import FragmentMetadata
+
+    from tasks.store import sql_in
+
+    ds = lance.dataset(dataset_uri, storage_options=storage_options)
+    before = ds.version
+    new = [FragmentMetadata.from_json(f) for f in fragments]
+    updated: list[Any] = []
+    removed: list[int] = []
+    if replace_doc_keys and ds.count_rows():
+        touched: set[int] = set()
+        for i in range(0, len(replace_doc_keys), 1000):
+            part = replace_doc_keys[i : i + 1000]
+            addr = ds.to_table(columns=[], filter=sql_in("doc_key", part), with_row_address=True)
+            touched.update(int(a) >> 32 for a in addr.column("_rowaddr").to_pylist())
+        where = None
+        for fid in sorted(touched):
+            frag: Any = ds.get_fragment(fid)
+            if where is None:
+                where = " OR ".join(
+                    sql_in("doc_key", replace_doc_keys[i : i + 1000])
+                    for i in range(0, len(replace_doc_keys), 1000)
+                )
+            kept = frag.delete(where)
+            if kept is None:
+                removed.append(fid)
+            else:
+                updated.append(kept)
+    if not new and not updated and not removed:
+        return before, before
+    if updated or removed:
+        op: Any = lance.LanceOperation.Update(
+            removed_fragment_ids=removed, updated_fragments=updated, new_fragments=new
+        )
+    else:
+        op = lance.LanceOperation.Append(new)
+    done = lance.LanceDataset.commit(
+        dataset_uri, op, read_version=before, storage_options=storage_options
+    )
+    return before, int(done.version)
+
+
+def ingest_on_ray(run: Any, plan: Any) -> RayResult:
+    """The Ray runner's coarse step for one IngestRun: pipeline, one commit, then the
+    manifest rows and the long documents. Report counts are merged into run.report."""
+    from tasks.identity import doc_key
+    from tasks.plan import iter_work
+    from tasks.runs import stream_one
+    from tasks.storage import lance_options
+    from tasks.store import TableModel
+    from tasks.writing import write_manifest
+
+    params: IngestParams = run.params
+    store = run.store
+    if not store.has_chunks():
+        # the workers write data files into the table: it must exist with its schema first
+        dim = run.fingerprint.dimension or run.embedder.dimension
+        store.chunks(TableModel(run.fingerprint.model, dim, params.embedder.kind))
+    elif run.fingerprint.dimension is not None:
+        store.check_dimension(run.fingerprint.model, run.fingerprint.dimension)
+    tbl = store.chunks_table()
+    access = params.store.access
+    options = lance_options(
+        params.store.uri,
+        access.storage_options if access else None,
+        access.credentials_block if access else None,
+    )
+    lance_ds = tbl.to_lance()
+    dataset_uri, file_version = lance_ds.uri, lance_ds.data_storage_version
+    had_rows = tbl.count_rows() > 0
+    api_key = None
+    if params.embedder.kind == "openai":
+        from tasks.embedding import resolve_api_key
+
+        key = resolve_api_key(params.embedder)
+        api_key = SecretStr(key) if key else None
+        # the account's limits are shared by the actors: each starts with its share (and
+        # learns the account's real remaining budget from the response headers)
+        e = params.embedder
+        params = params.model_copy(
+            update={
+                "embedder": e.model_copy(
+                    update={
+                        "rpm": max(1, e.rpm // params.ray_workers),
+                        "tpm": max(1, e.tpm // params.ray_workers),
+                        "max_concurrency": max(1, e.max_concurrency // params.ray_workers),
+                    }
+                )
+            }
+        )
+    job = RayJob(
+        params=params,
+        generation=run.target,
+        cache_tables=tuple(run.cache_tables),
+        source_uri=run.source_uri,
+        dataset_uri=dataset_uri,
+        storage_options=options or None,
+        job_id=run.report.run_id,
+        api_key=api_key,
+        data_storage_version=file_version,
+    )
+    batches = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
+    fragments, spill, embedded, cached, chunks = run_pipeline(
+        job, batches, workers=params.ray_workers, gpus_per_worker=params.ray_gpus_per_worker
+    )
+    result = RayResult(embedded=embedded, cached=cached, fragments=len(fragments))
+    try:
+        # the documents whose old chunks the new ones replace (all of them when the table had
+        # rows: a crashed earlier run may have committed chunks of documents still 'new')
+        replace: list[str] = []
+        for outcomes in iter_spilled(spill):
+            for o in outcomes:
+                if o.status == "stream":
+                    continue
+                if (
+                    o.status == "ok"
+                    or o.partial
+                    or (o.status == "failed" and not o.keep_chunks and o.state != "new")
+                ):
+                    replace.append(doc_key(run.source_uri, o.doc_id))
+        replace = replace if had_rows else []
+        old_ids: set[str] = set()
+        if replace:
+            for i in range(0, len(replace), 1000):
+                old_ids |= store.chunk_ids_of(replace[i : i + 1000])
+        before, after = commit_fragments(dataset_uri, fragments, replace, options or None)
+        result.version_before, result.version_after = before, after
+        from tasks.crashpoints import crash_point
+
+        crash_point("after-chunk-commit")
+        tbl.checkout_latest()
+        kept: set[str] = set()
+        if old_ids:
+            kept = {
+                cid
+                for i in range(0, len(replace), 1000)
+                for cid in store.chunk_ids_of(replace[i : i + 1000])
+            }
+        run.report.chunks.written += chunks
+        run.report.chunks.deleted += len(old_ids - kept)
+        run.report.chunks.embedded += embedded
+        run.report.chunks.cached += cached
+        # manifest rows once the chunks are committed, a few thousand per commit
+        pending: list[Any] = []
+        for outcomes in iter_spilled(spill):
+            for o in outcomes:
+                if o.status == "stream":
+                    result.streamed.append(o)
+                else:
+                    pending.append(o)
+            if len(pending) >= 4096:
+                _manifest(store, pending, run, write_manifest)
+                pending = []
+        if pending:
+            _manifest(store, pending, run, write_manifest)
+    finally:
+        if spill:
+            import shutil
+
+            shutil.rmtree(os.path.dirname(spill), ignore_errors=True)
+    for o in result.streamed:  # long documents, a segment at a time, on the driver
+        run.report.merge(stream_one(run, o))
+    return result
+
+
+def _manifest(store: Any, outcomes: list[Any], run: Any, write_manifest: Any) -> None:
+    per_doc = {o.doc_id: o.chunk_count for o in outcomes}
+    counts = write_manifest(store, outcomes, run.source_uri, per_doc)
+    # chunk counts were added once, from the pipeline; only the document outcomes here
+    counts.chunks.written = counts.chunks.deleted = 0
+    run.report.merge(counts)

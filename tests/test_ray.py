@@ -1,0 +1,202 @@
+"""`--runner ray` on a real local Ray instance (one per test session: two CPUs, no dashboard),
+against the default runner on the same corpus.
+
+The hash embedder appends one line per model call to LANCEFLOW_HASH_CALLS_LOG, in whichever
+process the call runs (a Ray actor included), so the tests count what was really embedded.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import ray  # a dev dependency (the lanceflow[ray] extra): these tests never skip
+
+from flows.ingest import run_ingest
+from tasks.settings import IngestParams
+from tasks.store import Store
+
+from .conftest import table_snapshot
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+_WORDS = (
+    "river mountain table window garden lamp paper music coffee winter station bridge market "
+    "harbor forest letter engine signal orbit canvas pepper violin ladder meadow thunder"
+).split()
+
+DOCS = 120
+BATCH_DOCS = 15
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _write_corpus(root: Path, n: int = DOCS, seed: int = 7) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        paras = [
+            " ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 90))) + "."
+            for _ in range(rng.randint(2, 6))
+        ]
+        (root / f"doc{i:04d}.md").write_text(f"# Doc {i}\n\n" + "\n\n".join(paras) + "\n")
+    return root
+
+
+def _params(src: Path, db: Path, runner: str, **kw) -> IngestParams:
+    return IngestParams.model_validate(
+        {
+            "source": {"uri": str(src)},
+            "store": {"uri": str(db)},
+            "embedder": {"kind": "hash"},
+            "chunking": {"chunk_tokens": 48},
+            "batch_docs": BATCH_DOCS,
+            "runner": runner,
+            "ray_workers": 2,
+            **kw,
+        }
+    )
+
+
+def _calls(log: Path) -> list[tuple[int, int]]:
+    if not log.exists():
+        return []
+    return [tuple(map(int, line.split())) for line in log.read_text().split("\n") if line]  # type: ignore[misc]
+
+
+def _chunk_versions(db: Path) -> list[tuple[int, int]]:
+    """(version, rows) of every version of the chunks table."""
+    tbl = Store(str(db)).chunks_table()
+    ds = tbl.to_lance()
+    return [(v["version"], ds.checkout_version(v["version"]).count_rows()) for v in ds.versions()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The corpus ingested by the default runner: what Ray must reproduce."""
+    base = tmp_path_factory.mktemp("ray-ref")
+    src = _write_corpus(base / "src")
+    db = base / "db"
+    report = run_ingest(_params(src, db, "local"))
+    assert report.documents.failed == 0 and report.chunks.written > 100
+    return src, table_snapshot(str(db)), report
+
+
+def test_ray_writes_the_default_runners_table_in_one_commit(reference, tmp_path, monkeypatch):
+    src, expected, ref_report = reference
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    db = tmp_path / "db"
+    report = run_ingest(_params(src, db, "ray"))
+    assert report.documents.new == DOCS and report.documents.failed == 0
+    assert report.chunks.written == ref_report.chunks.written
+    # chunk ids, texts and vectors bit for bit, and the same manifest
+    assert table_snapshot(str(db)) == expected
+    # the data arrived in ONE table version: the one before it is the empty table
+    versions = _chunk_versions(db)
+    with_data = [v for v, rows in versions if rows]
+    first = with_data[0]
+    assert dict(versions)[first] == report.chunks.written
+    assert dict(versions)[first - 1] == 0
+    # every chunk was embedded once, by Ray workers (not by this process)
+    calls = _calls(log)
+    assert sum(n for _, n in calls) == report.chunks.embedded == report.chunks.written
+    import os
+
+    assert os.getpid() not in {pid for pid, _ in calls}
+    # a second run finds nothing to do
+    again = run_ingest(_params(src, db, "ray"))
+    assert again.documents.unchanged == DOCS and again.chunks.embedded == 0
+
+
+def test_a_killed_ray_worker_costs_at_most_one_shard(reference, tmp_path, monkeypatch):
+    src, expected, ref_report = reference
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    # the first embedding actor to finish its second shard is killed (SIGKILL) before it
+    # returns it; Ray restarts the actor and runs that shard again
+    monkeypatch.setenv("LANCEFLOW_CRASH_AT", "ray-embed:2")
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("LANCEFLOW_CRASH_MARKER", str(marker))
+    db = tmp_path / "db"
+    report = run_ingest(_params(src, db, "ray"))
+    assert marker.exists(), "no worker was killed: the test proves nothing"
+    assert table_snapshot(str(db)) == expected
+    calls = _calls(log)
+    embedded = sum(n for _, n in calls)
+    killed_pid = {pid for pid, _ in calls} - {pid for pid, _ in calls[-1:]}
+    assert killed_pid  # calls came from more than one actor process
+    total = ref_report.chunks.written
+    # the killed actor's shard was embedded twice; nothing else was
+    assert total < embedded <= total + max(n for _, n in calls)
+    assert report.chunks.written == total
+
+
+def test_after_editing_one_percent_only_changed_chunks_are_embedded(tmp_path, monkeypatch):
+    src = _write_corpus(tmp_path / "src", n=200, seed=11)
+    db = tmp_path / "db"
+    first = run_ingest(_params(src, db, "ray"))
+    assert first.documents.new == 200
+    before = {r["text_hash"] for r in _rows(db)}
+    # 1 % of the documents: a paragraph replaced in each of two
+    rng = random.Random(3)
+    for name in ("doc0013.md", "doc0150.md"):
+        path = src / name
+        paras = path.read_text().split("\n\n")
+        paras[1] = " ".join(rng.choice(_WORDS) for _ in range(60)) + " edited."
+        path.write_text("\n\n".join(paras))
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    second = run_ingest(_params(src, db, "ray"))
+    assert second.documents.changed == 2 and second.documents.unchanged == 198
+    after = {r["text_hash"] for r in _rows(db)}
+    new_texts = after - before
+    assert new_texts and sum(n for _, n in _calls(log)) == len(new_texts)
+    assert second.chunks.embedded == len(new_texts)
+    # the same table as a clean default-runner build of the edited corpus
+    clean = tmp_path / "clean"
+    run_ingest(_params(src, clean, "local"))
+    assert table_snapshot(str(db)) == table_snapshot(str(clean))
+
+
+def _rows(db: Path) -> list[dict]:
+    tbl = Store(str(db)).chunks_table()
+    return tbl.search().select(["chunk_id", "text_hash"]).limit(None).to_arrow().to_pylist()
+
+
+def test_a_table_written_by_pylance_is_read_searched_and_appended_by_lancedb(tmp_path):
+    """The pinned pylance (the Ray runner's writer) and lancedb share one format."""
+    import lance
+    import lancedb
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((64, 8)).astype(np.float32)
+    data = pa.table(
+        {
+            "id": pa.array([f"r{i}" for i in range(64)]),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 8),
+        }
+    )
+    lance.write_dataset(data, str(tmp_path / "t.lance"))
+    db = lancedb.connect(str(tmp_path))
+    tbl = db.open_table("t")
+    assert tbl.count_rows() == 64
+    hit = tbl.search(vecs[5]).limit(1).to_list()[0]
+    assert hit["id"] == "r5"
+    tbl.add(data.slice(0, 4).set_column(0, "id", pa.array(["n0", "n1", "n2", "n3"])))
+    back = lance.dataset(str(tmp_path / "t.lance"))
+    assert back.count_rows() == 68
+    assert set(back.to_table(filter="id LIKE 'n%'").column("id").to_pylist()) == {
+        "n0",
+        "n1",
+        "n2",
+        "n3",
+    }

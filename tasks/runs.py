@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class IngestRun:
     #: text hashes of batches whose chunks are committed (the writer may run beside the
     #: embedder): dropped from the memo before the next embedding looks anything up
     committed: queue.SimpleQueue[list[str]] = field(default_factory=queue.SimpleQueue)
+    #: the report's counters are updated by the embedder and the writer, in two threads
+    counts_lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = field(default_factory=time.time)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _embedder: Embedder | None = None

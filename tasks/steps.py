@@ -92,15 +92,17 @@ def prepare_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[D
 def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
     """Vectors from the cache, the run's memo of unwritten vectors, then the model."""
     batch = run.embed(outcomes)
-    run.report.chunks.embedded += batch.embedded
-    run.report.chunks.cached += batch.cached
+    with run.counts_lock:
+        run.report.chunks.embedded += batch.embedded
+        run.report.chunks.cached += batch.cached
     return batch
 
 
 @_io_task("write_chunks")
 def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
     counts = write_batch(run.store, outcomes, batch.rows, run.source_uri)
-    run.report.merge(counts)  # only after both commits: a retry never counts twice
+    with run.counts_lock:
+        run.report.merge(counts)  # only after both commits: a retry never counts twice
     if batch.rows is not None:  # every vector of the batch is in the table now
         run.committed.put(batch.rows.column("text_hash").to_pylist())
 
@@ -112,7 +114,8 @@ def stream_documents(run: IngestRun, outcomes: list[DocOutcome]) -> int:
     long_docs = [o for o in outcomes if o.status == "stream"]
     for o in long_docs:
         counts = stream_one(run, o)
-        run.report.merge(counts)  # once the document is complete: a retry never counts twice
+        with run.counts_lock:
+            run.report.merge(counts)  # once the document is complete: a retry never counts twice
     return len(long_docs)
 
 

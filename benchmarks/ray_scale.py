@@ -1,0 +1,193 @@
+"""Scale benchmark of the pipeline itself: generated documents, `--embedder hash` (so the
+model's cost does not hide the plumbing), on the default runner and on Ray with 1 and 2
+embedding workers.
+
+    python benchmarks/ray_scale.py [--sizes 10000,100000] [--runners local,ray1,ray2]
+
+For each size and runner, a cold `lanceflow ingest` into an empty table (a fresh process;
+Prefect's temporary server and, for Ray, a fresh local Ray instance included):
+  seconds, chunks, chunks_per_s
+  peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
+                       server, Ray's raylet/GCS/workers), sampled every 0.1 s
+  versions_added       chunks-table versions whose row count differs from the one before
+                       (data commits; index builds and compaction add versions too but no rows)
+  fragments_written    fragments in the table right after the run
+  fragments_compacted  after `lanceflow maintain`'s compaction (Lance optimize)
+and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 chunks/s
+per size. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LANCEFLOW = [sys.executable, "-m", "flows.cli"]
+
+_WORDS = (
+    "index vector table night batch search source model chunk token lance prefect flow task "
+    "retry window budget limit cache version generation manifest document paragraph heading "
+    "river mountain garden lamp paper music coffee winter station bridge market harbor forest"
+).split()
+
+
+def generate(root: Path, n: int, seed: int = 0) -> None:
+    """n Markdown documents of 3-12 paragraphs (about 10 chunks of 48 words each)."""
+    rng = random.Random(seed)
+    for i in range(n):
+        sub = root / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        paras = [
+            " ".join(rng.choice(_WORDS) for _ in range(rng.randint(30, 60))) + "."
+            for _ in range(rng.randint(3, 12))
+        ]
+        (sub / f"doc{i:06d}.md").write_text(f"# Document {i}\n\n" + "\n\n".join(paras) + "\n")
+
+
+def run_tree(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS of the process tree (bytes), stdout."""
+    import psutil
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.append(proc.stdout.read())),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: err.append(proc.stderr.read())),  # type: ignore[union-attr]
+    ]
+    for r in readers:
+        r.start()
+    root = psutil.Process(proc.pid)
+    peak = 0
+    seen: dict[int, psutil.Process] = {}
+    while proc.poll() is None:
+        total = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+                seen[p.pid] = p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        peak = max(peak, total)
+        time.sleep(0.1)
+    for r in readers:
+        r.join()
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write("".join(err)[-4000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return seconds, peak, "".join(out)
+
+
+def table_facts(db: Path) -> tuple[int, int]:
+    """(data versions, fragments) of the live chunks table."""
+    sys.path.insert(0, str(REPO))
+    from tasks.store import Store
+
+    ds = Store(str(db)).chunks_table().to_lance()
+    rows_before = 0
+    data_versions = 0
+    for v in ds.versions():
+        rows = ds.checkout_version(v["version"]).count_rows()
+        if rows != rows_before:
+            data_versions += 1
+        rows_before = rows
+    return data_versions, len(ds.get_fragments())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--runners", default="local,ray1,ray2")
+    ap.add_argument("--chunk-tokens", type=int, default=48)
+    ap.add_argument("--batch-docs", type=int, default=256)
+    args = ap.parse_args()
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="lanceflow-bench-prefect-"))
+    work = Path(tempfile.mkdtemp(prefix="lanceflow-scale-"))
+    result: dict[str, object] = {"cpus": os.cpu_count(), "runs": {}}
+    runs: dict[str, dict[str, object]] = result["runs"]  # type: ignore[assignment]
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            corpus = work / f"corpus-{size}"
+            t = time.perf_counter()
+            generate(corpus, size)
+            sys.stderr.write(f"generated {size} documents in {time.perf_counter() - t:.1f}s\n")
+            for runner in args.runners.split(","):
+                db = work / f"db-{size}-{runner}"
+                cmd = [
+                    *LANCEFLOW,
+                    "ingest",
+                    str(corpus),
+                    "--table",
+                    str(db),
+                    "--embedder",
+                    "hash",
+                    "--chunk-tokens",
+                    str(args.chunk_tokens),
+                    "--batch-docs",
+                    str(args.batch_docs),
+                    "--json",
+                ]
+                if runner.startswith("ray"):
+                    cmd += ["--runner", "ray", "--ray-workers", runner[3:] or "2"]
+                seconds, peak, out = run_tree(cmd, env)
+                report = json.loads(out.strip().splitlines()[-1])
+                chunks = report["chunks"]["written"]
+                versions, fragments = table_facts(db)
+                run_tree([*LANCEFLOW, "maintain", "--table", str(db), "--json"], env)
+                _, compacted = table_facts(db)
+                runs[f"{size}/{runner}"] = {
+                    "seconds": round(seconds, 2),
+                    "chunks": chunks,
+                    "chunks_per_s": round(chunks / seconds, 1),
+                    "peak_rss_gib": round(peak / 2**30, 3),
+                    "versions_added": versions,
+                    "fragments_written": fragments,
+                    "fragments_compacted": compacted,
+                }
+                sys.stderr.write(f"{size}/{runner}: {json.dumps(runs[f'{size}/{runner}'])}\n")
+                shutil.rmtree(db, ignore_errors=True)
+            shutil.rmtree(corpus, ignore_errors=True)
+        sizes = sorted({int(k.split("/")[0]) for k in runs})
+        for runner in args.runners.split(","):
+            if len(sizes) > 1:
+                lo, hi = runs.get(f"{sizes[0]}/{runner}"), runs.get(f"{sizes[-1]}/{runner}")
+                if lo and hi:
+                    result[f"rss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
+                        float(hi["peak_rss_gib"]) / float(lo["peak_rss_gib"]),
+                        3,  # type: ignore[arg-type]
+                    )
+        for size in sizes:
+            r1, r2 = runs.get(f"{size}/ray1"), runs.get(f"{size}/ray2")
+            if r1 and r2:
+                result[f"ray2_over_ray1_{size}"] = round(
+                    float(r2["chunks_per_s"]) / float(r1["chunks_per_s"]),  # type: ignore[arg-type]
+                    3,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

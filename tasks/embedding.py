@@ -46,13 +46,16 @@ def embed_outcomes(
     *,
     cache_tables: Sequence[str] = (),
     memo: dict[str, np.ndarray] | None = None,
+    owners: dict[str, int] | None = None,
+    owner: int = 0,
 ) -> EmbeddedBatch:
     """Vectors for every chunk of the batch, as the Arrow rows to write.
 
     Looked up first in the table (this generation, and `cache_tables`: generations of the same
     embedding space), then in `memo` (vectors this run already computed but has not written:
     a retried task does not send them again), then computed in sub-batches that land in the
-    memo as each finishes.
+    memo as each finishes. With `owners`, the memo records which batch (`owner`) computed each
+    vector; another batch's count as reused (cached), not embedded.
     """
     spans = [(o, c) for o in outcomes if o.status == "ok" for c in o.chunks]
     if not spans:
@@ -77,6 +80,8 @@ def embed_outcomes(
         for h, v in zip(keys, fresh, strict=True):
             if h not in rejected:
                 memo[h] = v
+                if owners is not None:
+                    owners[h] = owner
     for h in missing:
         if h not in rejected:
             vectors[h] = memo[h]
@@ -126,6 +131,9 @@ def embed_outcomes(
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
     embedded = len(missing) - len(rejected)
+    if owners is not None:
+        # vectors another batch computed and has not committed yet are reuse, not new work
+        embedded -= sum(1 for h in missing if h not in rejected and owners.get(h, owner) != owner)
     return EmbeddedBatch(table, embedded, len(spans) - embedded)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 
 from tasks.errors import ParseError
@@ -163,7 +164,16 @@ def _check_docx_size(data: bytes) -> None:
         )
 
 
+#: PDFium is not thread-safe, and the default runner parses batches in two threads
+_PDFIUM_LOCK = threading.Lock()
+
+
 def parse_pdf(doc_id: str, data: bytes) -> ParsedDocument:
+    with _PDFIUM_LOCK:
+        return _parse_pdf(doc_id, data)
+
+
+def _parse_pdf(doc_id: str, data: bytes) -> ParsedDocument:
     import pypdfium2 as pdfium
 
     try:

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 #: and write tasks of a CPU to be scheduled on: the OS shares the real cores among them
 EMBED_CPUS = 0.5
 TASK_CPUS = 0.5
+#: restarts of an embedding actor (and retries of its shard) before the run fails
+MAX_RESTARTS = 3
 
 
 class RayRunnerError(LanceflowError):
@@ -67,7 +69,8 @@ class RayJob:
     cache_tables: tuple[str, ...]
     source_uri: str
     dataset_uri: str  # the chunks table's Lance dataset
-    storage_options: dict[str, str] | None = None
+    #: the table's storage options, resolved on the driver (credentials blocks included)
+    storage_options: dict[str, str] | None = field(default=None, repr=False)
     job_id: str = ""
     #: the table's Lance file format version (new data files must match it)
     data_storage_version: str | None = None
@@ -100,7 +103,7 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
         if objs is None:
             from tasks.embedding import build_embedder, make_chunker
             from tasks.sources import Source
-            from tasks.store import store_at
+            from tasks.store import Store
 
             if job.params.embedder.kind == "openai":
                 from tasks.embedders.openai import get_openai_embedder
@@ -109,7 +112,9 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
                 embedder: Any = get_openai_embedder(job.params.embedder, key)
             else:
                 embedder = build_embedder(job.params.embedder)
-            store = store_at(job.params.store.uri, job.params.store.access).at(job.generation)
+            # options and credentials were resolved on the driver: a worker needs no Prefect API
+            store = Store(job.params.store.uri, storage_options=job.storage_options)
+            store = store.at(job.generation)
             objs = {
                 "source": Source(job.params.source),
                 "embedder": embedder,
@@ -249,6 +254,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
     a process already connected keeps its connection."""
     ray = _import_ray()
     if ray.is_initialized():
+        if address:
+            log.warning(
+                "this process is connected to Ray already; --ray-address %s is unused", address
+            )
         return ray
     try:
         ray.init(
@@ -279,7 +288,9 @@ def worker_env() -> dict[str, str]:
     return {
         k: v
         for k, v in os.environ.items()
-        if k.startswith(prefixes) and not any(w in k.upper() for w in _SECRET_WORDS)
+        if k.startswith(prefixes)
+        and not any(w in k.upper() for w in _SECRET_WORDS)
+        and "@" not in v  # a URL with credentials in it
     }
 
 
@@ -333,8 +344,10 @@ def run_pipeline(
         compute=rd.ActorPoolStrategy(size=workers),
         num_cpus=EMBED_CPUS,
         num_gpus=gpus_per_worker or None,
-        max_restarts=-1,
-        max_task_retries=-1,
+        # a killed actor is restarted and its shard run again; an actor that dies the same
+        # way every time (a shard that runs it out of memory) fails the run
+        max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS,
         runtime_env=env,
     )
     ds = ds.map_batches(
@@ -349,6 +362,7 @@ def run_pipeline(
     spill = os.path.join(spill_dir, "outcomes.pickle")
     fragments: list[str] = []
     embedded = cached = chunks = 0
+    ok = False
     try:
         with open(spill, "wb") as fh:
             for row in ds.iter_rows():
@@ -359,10 +373,21 @@ def run_pipeline(
                 chunks += int(row["chunks"])
                 if on_shard is not None:
                     on_shard(pickle.loads(row["outcomes"]))
+        ok = True
     except LanceflowError:
         raise
     except Exception as exc:
-        raise RayRunnerError(f"the Ray pipeline failed: {type(exc).__name__}: {exc}") from exc
+        from tasks.storage import redact_text
+
+        why = redact_text(f"{type(exc).__name__}: {exc}", job.storage_options)
+        raise RayRunnerError(
+            f"the Ray pipeline failed, nothing was committed (a re-run starts over): {why}"
+        ) from None
+    finally:
+        if not ok:
+            import shutil
+
+            shutil.rmtree(spill_dir, ignore_errors=True)
     return fragments, spill, embedded, cached, chunks
 
 
@@ -477,6 +502,14 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
                 )
             }
         )
+    src = params.source
+    if src.credentials_block:
+        # read the block here: the workers get its values inside the job, not a block name
+        from tasks.storage import fsspec_options, protect
+
+        resolved = fsspec_options(src.uri, src.storage_options, src.credentials_block)
+        update = {"storage_options": protect(resolved), "credentials_block": None}
+        params = params.model_copy(update={"source": src.model_copy(update=update)})
     job = RayJob(
         params=params,
         generation=run.target,
@@ -508,25 +541,14 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
                 ):
                     replace.append(doc_key(run.source_uri, o.doc_id))
         replace = replace if had_rows else []
-        old_ids: set[str] = set()
-        if replace:
-            for i in range(0, len(replace), 1000):
-                old_ids |= store.chunk_ids_of(replace[i : i + 1000])
         before, after = commit_fragments(dataset_uri, fragments, replace, options or None)
         result.version_before, result.version_after = before, after
         from tasks.crashpoints import crash_point
 
         crash_point("after-chunk-commit")
         tbl.checkout_latest()
-        kept: set[str] = set()
-        if old_ids:
-            kept = {
-                cid
-                for i in range(0, len(replace), 1000)
-                for cid in store.chunk_ids_of(replace[i : i + 1000])
-            }
         run.report.chunks.written += chunks
-        run.report.chunks.deleted += len(old_ids - kept)
+        run.report.chunks.deleted += _replaced_count(dataset_uri, before, replace, options)
         run.report.chunks.embedded += embedded
         run.report.chunks.cached += cached
         # manifest rows once the chunks are committed, a few thousand per commit
@@ -550,6 +572,28 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     for o in result.streamed:  # long documents, a segment at a time, on the driver
         run.report.merge(stream_one(run, o))
     return result
+
+
+def _replaced_count(
+    dataset_uri: str, before: int, keys: list[str], options: dict[str, str] | None
+) -> int:
+    """Chunks of the replaced documents that the commit removed and did not write again (as
+    the default runner counts them), a thousand documents at a time: flat memory."""
+    if not keys:
+        return 0
+    import lance
+
+    from tasks.store import sql_in
+
+    old = lance.dataset(dataset_uri, version=before, storage_options=options or None)
+    new = lance.dataset(dataset_uri, storage_options=options or None)
+    gone = 0
+    for i in range(0, len(keys), 1000):
+        where = sql_in("doc_key", keys[i : i + 1000])
+        ids_before = set(old.to_table(columns=["chunk_id"], filter=where).column(0).to_pylist())
+        ids_after = set(new.to_table(columns=["chunk_id"], filter=where).column(0).to_pylist())
+        gone += len(ids_before - ids_after)
+    return gone
 
 
 def _manifest(store: Any, outcomes: list[Any], run: Any, write_manifest: Any) -> None:

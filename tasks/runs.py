@@ -43,6 +43,8 @@ class IngestRun:
     cache_tables: tuple[str, ...] = ()
     #: vectors computed but not yet written (a retried embed task reuses them)
     memo: dict[str, Any] = field(default_factory=dict)
+    #: which batch computed each memo entry (tasks.embedding.embed_outcomes)
+    memo_owners: dict[str, int] = field(default_factory=dict)
     #: text hashes of batches whose chunks are committed (the writer may run beside the
     #: embedder): dropped from the memo before the next embedding looks anything up
     committed: queue.SimpleQueue[list[str]] = field(default_factory=queue.SimpleQueue)
@@ -93,6 +95,7 @@ class IngestRun:
         while not self.committed.empty():  # those vectors are in the table now
             for h in self.committed.get_nowait():
                 self.memo.pop(h, None)
+                self.memo_owners.pop(h, None)
         batch = embed_outcomes(
             outcomes,
             self.embedder,
@@ -101,6 +104,8 @@ class IngestRun:
             self.source_uri,
             cache_tables=self.cache_tables,
             memo=self.memo,
+            owners=self.memo_owners,
+            owner=id(outcomes),
         )
         if batch.rows is not None:
             dim = batch.rows.schema.field("vector").type.list_size
@@ -305,7 +310,10 @@ def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
             written += batch.rows.num_rows
         counts.chunks.embedded += batch.embedded
         counts.chunks.cached += batch.cached
-        run.memo.clear()
+        if batch.rows is not None:  # this segment's vectors are in the table now
+            for h in batch.rows.column("text_hash").to_pylist():
+                run.memo.pop(h, None)
+                run.memo_owners.pop(h, None)
 
     def finish_document(o: Any) -> None:
         if o.status == "ok" and first_failure:

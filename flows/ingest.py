@@ -34,6 +34,7 @@ from tasks.settings import (
     TableAccess,
 )
 from tasks.steps import (
+    backfill_generation,
     delete_documents,
     embed_chunks,
     ingest_on_ray,
@@ -164,6 +165,12 @@ def ingest_with(params: IngestParams) -> IngestReport:
     """The ingest flow's body, for a caller that holds the table's write slot."""
     logger = get_run_logger()
     run = open_run_task(params)
+    if backfill_generation(run):
+        logger.info(
+            "generation %d: %d chunks re-embedded from the live generation's stored text",
+            run.target.number,
+            run.report.backfilled,
+        )
     plan = list_documents(run)
     pause_point("after-plan")
     logger.info(

@@ -50,6 +50,9 @@ class IngestReport(BaseModel):
     #: a reindex builds every source of the live generation before it switches
     waiting_for_sources: list[str] = Field(default_factory=list)
     table_version: int = 0
+    #: chunks of the live generation re-embedded from their stored text (a reindex that
+    #: changed only the embedding: tasks.backfill)
+    backfilled: int = 0
     #: the version tag left on the live generation's tables (`lanceflow rollback --to TAG`)
     tag: str = ""
     #: whether this run loaded the local model's weights (a no-change run does not)

@@ -62,6 +62,23 @@ def open_run_task(params: IngestParams) -> IngestRun:
     return open_run(params)
 
 
+@task(name="backfill_generation", cache_policy=NO_CACHE, persist_result=False)
+def backfill_generation(run: IngestRun) -> int:
+    """A reindex that changes only the embedding starts its generation as a copy of the live
+    one with vectors recomputed from the stored texts (tasks.backfill); 0 when it does not
+    apply."""
+    from tasks.backfill import seed_generation
+
+    seeded = seed_generation(run)
+    if seeded is None:
+        return 0
+    run.persist_target()  # a crash from here on resumes this generation, not the copy
+    with run.counts_lock:
+        run.report.chunks.embedded += seeded
+        run.report.backfilled = seeded
+    return seeded
+
+
 @_io_task("list_documents")
 def list_documents(run: IngestRun) -> Plan:
     """List the source against the manifest; refuse too many deletions before any write."""

@@ -200,3 +200,39 @@ def test_a_table_written_by_pylance_is_read_searched_and_appended_by_lancedb(tmp
         "n2",
         "n3",
     }
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_a_reindex_that_changes_only_the_embedding_backfills_from_stored_text(
+    tmp_path, monkeypatch, runner
+):
+    """256 -> 128 dimensions: the chunks are the same, so the new generation is the live one
+    re-embedded from its stored text (no document read again), and equals a clean build."""
+    src = _write_corpus(tmp_path / "src", n=40, seed=5)
+    db = tmp_path / "db"
+    first = run_ingest(_params(src, db, runner, embedder={"kind": "hash", "dimensions": 256}))
+    # one document changed since the live build: it alone is read, parsed and chunked
+    (src / "doc0007.md").write_text("# Doc 7\n\nrewritten from scratch, a new paragraph.\n")
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    new = _params(src, db, runner, embedder={"kind": "hash", "dimensions": 128}, reindex=True)
+    report = run_ingest(new)
+    assert report.switched and report.generation == 2
+    assert report.backfilled > 0
+    assert report.documents.changed == 1 and report.documents.unchanged == 39
+    # each chunk text of the live generation was embedded once, the edit's new chunks once
+    # more; nothing else
+    texts_embedded = sum(n for _, n in _calls(log))
+    if runner == "local":
+        assert texts_embedded == report.chunks.embedded
+    else:  # Ray's workers report rows; a text repeated within a batch is sent once
+        assert 0 <= report.chunks.embedded - texts_embedded <= report.chunks.embedded // 100
+    assert report.backfilled <= first.chunks.embedded + first.chunks.cached
+    assert texts_embedded - report.backfilled <= report.chunks.written
+    clean = tmp_path / "clean"
+    run_ingest(_params(src, clean, "local", embedder={"kind": "hash", "dimensions": 128}))
+    assert table_snapshot(str(db)) == table_snapshot(str(clean))
+    store = Store(str(db))
+    assert store.table_model().dimension == 128
+    hits = store.chunks_table().search([0.0] * 127 + [1.0]).limit(3).to_list()
+    assert len(hits) == 3

@@ -12,6 +12,7 @@ Prints one JSON object:
                    run of a table costs), start-up included
   ingest_ratio     ingest_s / baseline_s (cold_ingest_ratio likewise)
   chunks, chunks_per_s
+  cpu_utilisation  CPU seconds of the whole process tree / (wall seconds x cores) for ingest_s
   peak_rss_gib     peak of the summed RSS of the whole process tree (the CLI, Prefect's
                    temporary server, any helper), sampled every 0.1 s; cold_peak_rss_gib too
   ndcg@10          the ingested table, vector mode, through lanceflow's own search path
@@ -87,12 +88,15 @@ def _rss_of(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))  # type: ignore[union-attr]
     reader.start()
     err_reader.start()
+    cpu: dict[int, float] = {}  # CPU seconds per process of the tree, as last seen
     while proc.poll() is None:
         total = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
+                    t_ = p.cpu_times()
+                    cpu[p.pid] = t_.user + t_.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
         except psutil.NoSuchProcess:
@@ -105,7 +109,13 @@ def _rss_of(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     if proc.returncode != 0:
         sys.stderr.write(b"".join(err_chunks).decode(errors="replace")[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    global LAST_CPU_UTIL
+    LAST_CPU_UTIL = round(sum(cpu.values()) / (seconds * (os.cpu_count() or 1)), 3)
     return seconds, peak // 1024, b"".join(chunks).decode()
+
+
+#: CPU seconds of the last measured process tree / (wall seconds x cores), up to 0.1 s late
+LAST_CPU_UTIL = 0.0
 
 
 def main() -> None:
@@ -195,6 +205,7 @@ def main() -> None:
         overlap=args.overlap,
         chunks_per_s=round(chunks / seconds, 1),
         peak_rss_gib=round(rss / 2**20, 3),
+        cpu_utilisation=LAST_CPU_UTIL,
         failed=report["documents"]["failed"],
     )
     if "baseline_s" in result:

@@ -54,15 +54,9 @@ class VectorColumn:
 
     def _model(self) -> Any:
         if self._embedder is None:
-            if self.settings.kind == "openai":
-                from tasks.embedders.openai import get_openai_embedder
+            from tasks.embedding import build_embedder
 
-                key = self.api_key.get_secret_value() if self.api_key else None
-                self._embedder = get_openai_embedder(self.settings, key)
-            else:
-                from tasks.embedding import build_embedder
-
-                self._embedder = build_embedder(self.settings)
+            self._embedder = build_embedder(self.settings, api_key=self.api_key)
         return self._embedder
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -133,19 +127,12 @@ def seed_generation(run: Any) -> int | None:
 def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     import lance
 
-    from tasks.storage import lance_options
+    from tasks.embedding import resolved_api_key
+    from tasks.store import table_options
 
     params = run.params
     target, live = run.target, run.live
-    access = params.store.access
-    options = (
-        lance_options(
-            params.store.uri,
-            access.storage_options if access else None,
-            access.credentials_block if access else None,
-        )
-        or None
-    )
+    options = table_options(params.store.uri, params.store.access) or None
     live_ds = live_store.chunks_table().to_lance()
     uri = _sibling(live_ds.uri, live.chunks_table, target.chunks_table)
     live_ds.deep_clone(uri, live_ds.version, storage_options=options)
@@ -153,15 +140,9 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     ds.drop_columns(["vector"])
     dim = run.fingerprint.dimension or run.embedder.dimension
     schema = chunks_schema(dim, run.fingerprint.model, params.embedder.kind)
-    api_key = None
-    if params.embedder.kind == "openai":
-        from pydantic import SecretStr
-
-        from tasks.embedding import resolve_api_key
-
-        key = resolve_api_key(params.embedder)
-        api_key = SecretStr(key) if key else None
-    column = VectorColumn(params.embedder, api_key, schema.field("vector"))
+    column = VectorColumn(
+        params.embedder, resolved_api_key(params.embedder), schema.field("vector")
+    )
     # with its output schema given, Lance does not call the transform on a sample first
     transform = lance.batch_udf(output_schema=pa.schema([schema.field("vector")]))(column)
     rows = ds.count_rows()

@@ -137,8 +137,11 @@ def embed_outcomes(
     return EmbeddedBatch(table, embedded, len(spans) - embedded)
 
 
-def build_embedder(settings: EmbedderSettings, require_key: bool = True) -> Embedder:
-    """The embedder the settings ask for; one per process and settings."""
+def build_embedder(
+    settings: EmbedderSettings, require_key: bool = True, api_key: Any = None
+) -> Embedder:
+    """The embedder the settings ask for; one per process and settings. `api_key` (a
+    SecretStr): an OpenAI key resolved elsewhere (a Ray worker gets the driver's)."""
     if settings.kind == "hash":
         from tasks.embedders.hashing import HashEmbedder
 
@@ -154,7 +157,19 @@ def build_embedder(settings: EmbedderSettings, require_key: bool = True) -> Embe
         )
     from tasks.embedders.openai import get_openai_embedder
 
+    if api_key is not None:
+        return get_openai_embedder(settings, api_key.get_secret_value())
     return get_openai_embedder(settings, resolve_api_key(settings, required=require_key))
+
+
+def resolved_api_key(settings: EmbedderSettings) -> Any:
+    """The OpenAI key as a SecretStr, to hand to remote workers (None for other embedders)."""
+    if settings.kind != "openai":
+        return None
+    from pydantic import SecretStr
+
+    key = resolve_api_key(settings)
+    return SecretStr(key) if key else None
 
 
 def resolve_api_key(settings: EmbedderSettings, required: bool = True) -> str | None:

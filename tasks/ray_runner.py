@@ -105,13 +105,7 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
             from tasks.sources import Source
             from tasks.store import Store
 
-            if job.params.embedder.kind == "openai":
-                from tasks.embedders.openai import get_openai_embedder
-
-                key = job.api_key.get_secret_value() if job.api_key else None
-                embedder: Any = get_openai_embedder(job.params.embedder, key)
-            else:
-                embedder = build_embedder(job.params.embedder)
+            embedder = build_embedder(job.params.embedder, api_key=job.api_key)
             # options and credentials were resolved on the driver: a worker needs no Prefect API
             store = Store(job.params.store.uri, storage_options=job.storage_options)
             store = store.at(job.generation)
@@ -198,11 +192,14 @@ def write_fragments(batch: pa.Table, job: RayJob) -> pa.Table:
     from lance.fragment import write_fragments as lance_write
 
     frags_out: list[list[str]] = []
+    counts: list[int] = []
     for blob in batch.column("rows").to_pylist():
         if not blob:
             frags_out.append([])
+            counts.append(0)
             continue
         rows = pa.ipc.open_stream(blob).read_all()
+        counts.append(rows.num_rows)
         frags = lance_write(
             rows,
             job.dataset_uri,
@@ -218,13 +215,7 @@ def write_fragments(batch: pa.Table, job: RayJob) -> pa.Table:
             "outcomes": batch.column("outcomes"),
             "embedded": batch.column("embedded"),
             "cached": batch.column("cached"),
-            "chunks": pa.array(
-                [
-                    pa.ipc.open_stream(b).read_all().num_rows if b else 0
-                    for b in batch.column("rows").to_pylist()
-                ],
-                pa.int64(),
-            ),
+            "chunks": pa.array(counts, pa.int64()),
         }
     )
 
@@ -326,20 +317,18 @@ def run_pipeline(
     ctx = rd.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    env = {"env_vars": worker_env()}
+    # every stage: one shard per call, Arrow in and out, the driver's settings in the env
+    stage: dict[str, Any] = {
+        "batch_size": 1,
+        "batch_format": "pyarrow",
+        "runtime_env": {"env_vars": worker_env()},
+    }
+    tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": TASK_CPUS}
     ds: Any = rd.from_arrow_refs(refs)
-    ds = ds.map_batches(
-        parse_and_chunk,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"job": job},
-        num_cpus=TASK_CPUS,
-        runtime_env=env,
-    )
+    ds = ds.map_batches(parse_and_chunk, **tasks)
     ds = ds.map_batches(
         EmbedWorker,
-        batch_size=1,
-        batch_format="pyarrow",
+        **stage,
         fn_constructor_kwargs={"job": job},
         compute=rd.ActorPoolStrategy(size=workers),
         num_cpus=EMBED_CPUS,
@@ -348,16 +337,8 @@ def run_pipeline(
         # way every time (a shard that runs it out of memory) fails the run
         max_restarts=MAX_RESTARTS,
         max_task_retries=MAX_RESTARTS,
-        runtime_env=env,
     )
-    ds = ds.map_batches(
-        write_fragments,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"job": job},
-        num_cpus=TASK_CPUS,
-        runtime_env=env,
-    )
+    ds = ds.map_batches(write_fragments, **tasks)
     spill_dir = tempfile.mkdtemp(prefix="lanceflow-ray-")
     spill = os.path.join(spill_dir, "outcomes.pickle")
     fragments: list[str] = []
@@ -457,11 +438,11 @@ def commit_fragments(
 def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     """The Ray runner's coarse step for one IngestRun: pipeline, one commit, then the
     manifest rows and the long documents. Report counts are merged into run.report."""
+    from tasks.embedding import resolved_api_key
     from tasks.identity import doc_key
     from tasks.plan import iter_work
     from tasks.runs import stream_one
-    from tasks.storage import lance_options
-    from tasks.store import TableModel
+    from tasks.store import TableModel, table_options
     from tasks.writing import write_manifest
 
     params: IngestParams = run.params
@@ -473,21 +454,12 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     elif run.fingerprint.dimension is not None:
         store.check_dimension(run.fingerprint.model, run.fingerprint.dimension)
     tbl = store.chunks_table()
-    access = params.store.access
-    options = lance_options(
-        params.store.uri,
-        access.storage_options if access else None,
-        access.credentials_block if access else None,
-    )
+    options = table_options(params.store.uri, params.store.access)
     lance_ds = tbl.to_lance()
     dataset_uri, file_version = lance_ds.uri, lance_ds.data_storage_version
     had_rows = tbl.count_rows() > 0
-    api_key = None
+    api_key = resolved_api_key(params.embedder)
     if params.embedder.kind == "openai":
-        from tasks.embedding import resolve_api_key
-
-        key = resolve_api_key(params.embedder)
-        api_key = SecretStr(key) if key else None
         # the account's limits are shared by the actors: each starts with its share (and
         # learns the account's real remaining budget from the response headers)
         e = params.embedder
@@ -598,7 +570,5 @@ def _replaced_count(
 
 def _manifest(store: Any, outcomes: list[Any], run: Any, write_manifest: Any) -> None:
     per_doc = {o.doc_id: o.chunk_count for o in outcomes}
-    counts = write_manifest(store, outcomes, run.source_uri, per_doc)
-    # chunk counts were added once, from the pipeline; only the document outcomes here
-    counts.chunks.written = counts.chunks.deleted = 0
-    run.report.merge(counts)
+    # document outcomes only: the chunk counts came from the pipeline and the commit
+    run.report.merge(write_manifest(store, outcomes, run.source_uri, per_doc))

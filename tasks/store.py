@@ -719,11 +719,16 @@ def open_store(settings: Any) -> Store:
     return store_at(settings.uri, settings.access)
 
 
-def store_at(uri: str, access: Any = None) -> Store:
-    """The Store at `uri` with a TableAccess (None: the environment only)."""
+def table_options(uri: str, access: Any = None) -> dict[str, str]:
+    """The storage options a table at `uri` opens with, given a TableAccess (None: the
+    environment only); credentials blocks are read here."""
     from tasks.storage import lance_options
 
     if access is None:
-        return Store(uri, storage_options=lance_options(uri, None))
-    options = lance_options(uri, access.storage_options, access.credentials_block)
-    return Store(uri, storage_options=options)
+        return lance_options(uri, None)
+    return lance_options(uri, access.storage_options, access.credentials_block)
+
+
+def store_at(uri: str, access: Any = None) -> Store:
+    """The Store at `uri` with a TableAccess (None: the environment only)."""
+    return Store(uri, storage_options=table_options(uri, access))

@@ -16,6 +16,12 @@ Prints one JSON object:
   peak_rss_gib     peak of the summed RSS of the whole process tree (the CLI, Prefect's
                    temporary server, any helper), sampled every 0.1 s; cold_peak_rss_gib too
   ndcg@10          the ingested table, vector mode, through lanceflow's own search path
+  stage_seconds    the run report's stages ('pipeline': read to written rows)
+  model_floor_s    lanceflow's embedder alone (the ingest's backend, int8 ONNX on a CPU) on the
+                   table's chunk texts, tokenising included, model load excluded: the least any
+                   pipeline around this model can take; floor_ratio = model_floor_s /
+                   baseline_s, ingest_over_floor = ingest_s / model_floor_s,
+                   pipeline_over_floor = stage_seconds.pipeline / model_floor_s
   rerun_s, rerun_share, rerun_embedded, rerun_model_loaded   a no-change re-run (CLI fast path)
   rerun_flow_s, rerun_flow_share   the same no-change re-run through the full flow
                    (--always-flow: Prefect's temporary server start-up included)
@@ -127,6 +133,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=0)
     ap.add_argument("--reindex-tokens", type=int, default=128)
     ap.add_argument("--skip-cold", action="store_true", help="no empty-cache run")
+    ap.add_argument("--skip-floor", action="store_true", help="no bare-model run on the chunks")
     args = ap.parse_args()
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -221,6 +228,32 @@ def main() -> None:
         return round(score_run(qs.qrels, run, [10])[0]["ndcg@10"], 4)
 
     result["ndcg@10"] = vector_ndcg()
+    stages: dict[str, float] = report.get("stage_seconds", {})
+    result["stage_seconds"] = stages
+    if not args.skip_floor:
+        # the model alone on the same chunk texts (the same backend as the ingest, tokenising
+        # included, model load excluded): no pipeline can be faster than this
+        floor = (
+            "import json, sys, time; from tasks.store import Store;"
+            "from tasks.embedders.local import LocalEmbedder;"
+            "texts = Store(sys.argv[1]).chunks_table().to_lance()"
+            ".to_table(columns=['text']).column('text').to_pylist();"
+            "emb = LocalEmbedder(); emb.load(); t = time.perf_counter()\n"
+            "for i in range(0, len(texts), 256): emb.embed(texts[i:i + 256])\n"
+            "print(json.dumps({'s': time.perf_counter() - t, 'n': len(texts),"
+            " 'backend': emb.backend}))"
+        )
+        _, _, fl_out = _run([sys.executable, "-c", floor, str(table)], env)
+        fl = json.loads(fl_out.strip().splitlines()[-1])
+        result.update(
+            model_floor_s=round(fl["s"], 2),
+            model_floor_backend=fl["backend"],
+            ingest_over_floor=round(seconds / fl["s"], 3),
+        )
+        if "pipeline" in stages:
+            result["pipeline_over_floor"] = round(stages["pipeline"] / fl["s"], 3)
+        if "baseline_s" in result:
+            result["floor_ratio"] = round(fl["s"] / float(result["baseline_s"]), 3)  # type: ignore[arg-type]
 
     r_seconds, _, r_out = _rss_of(cmd, env)
     rerun = json.loads(r_out.strip().splitlines()[-1])

@@ -1,20 +1,30 @@
 """Scale benchmark of the pipeline itself: generated documents, `--embedder hash` (so the
 model's cost does not hide the plumbing), on the default runner and on Ray with 1 and 2
-embedding workers.
+workers.
+
+A Ray "worker" here is one core: `rayN` runs N embedding actors on a local Ray instance of N
+CPUs (`--ray-workers N --ray-cpus N`), and the whole command (the driver, Prefect's server,
+Ray's processes) is pinned to N cores (CPU affinity, inherited by every child), so 1 vs 2
+workers compares one core with two. Ray's CPU counts are logical: unpinned, a "one-CPU"
+instance still spreads its processes over every core, and on a 2-core machine the second
+worker would find no idle core to add.
 
     python benchmarks/ray_scale.py [--sizes 10000,100000] [--runners local,ray1,ray2]
 
 For each size and runner, a cold `lanceflow ingest` into an empty table (a fresh process;
 Prefect's temporary server and, for Ray, a fresh local Ray instance included):
-  seconds, chunks, chunks_per_s
+  seconds, chunks, chunks_per_s   the whole command (start-up included)
+  stage_seconds        the run report's stages: 'pipeline' (read to written rows), on Ray
+                       'ray_start' and 'commit'
+  pipeline_chunks_per_s  chunks / the pipeline stage: the rate a long run converges to
   peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
                        server, Ray's raylet/GCS/workers), sampled every 0.1 s
   versions_added       chunks-table versions whose row count differs from the one before
                        (data commits; index builds and compaction add versions too but no rows)
   fragments_written    fragments in the table right after the run
   fragments_compacted  after `lanceflow maintain`'s compaction (Lance optimize)
-and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 chunks/s
-per size. Prints one JSON object.
+and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 per size (on
+chunks/s and pipeline chunks/s). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 LANCEFLOW = [sys.executable, "-m", "flows.cli"]
@@ -55,13 +66,29 @@ def generate(root: Path, n: int, seed: int = 0) -> None:
         (sub / f"doc{i:06d}.md").write_text(f"# Document {i}\n\n" + "\n\n".join(paras) + "\n")
 
 
-def run_tree(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS of the process tree (bytes), stdout."""
+def run_tree(
+    cmd: list[str], env: dict[str, str], cores: int | None = None
+) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS of the process tree (bytes), stdout; pinned to the first
+    `cores` cores when given."""
     import psutil
+
+    pin = None
+    if cores is not None:
+        allowed = sorted(os.sched_getaffinity(0))[:cores]
+
+        def pin() -> None:
+            os.sched_setaffinity(0, allowed)
 
     t = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+        text=True,
+        preexec_fn=pin,
     )
     out: list[str] = []
     err: list[str] = []
@@ -125,7 +152,7 @@ def main() -> None:
     env.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="lanceflow-bench-prefect-"))
     work = Path(tempfile.mkdtemp(prefix="lanceflow-scale-"))
     result: dict[str, object] = {"cpus": os.cpu_count(), "runs": {}}
-    runs: dict[str, dict[str, object]] = result["runs"]  # type: ignore[assignment]
+    runs: dict[str, dict[str, Any]] = result["runs"]  # type: ignore[assignment]
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
             corpus = work / f"corpus-{size}"
@@ -148,18 +175,24 @@ def main() -> None:
                     str(args.batch_docs),
                     "--json",
                 ]
+                cores = None
                 if runner.startswith("ray"):
-                    cmd += ["--runner", "ray", "--ray-workers", runner[3:] or "2"]
-                seconds, peak, out = run_tree(cmd, env)
+                    n = runner[3:] or "2"
+                    cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
+                    cores = int(n)
+                seconds, peak, out = run_tree(cmd, env, cores)
                 report = json.loads(out.strip().splitlines()[-1])
                 chunks = report["chunks"]["written"]
                 versions, fragments = table_facts(db)
                 run_tree([*LANCEFLOW, "maintain", "--table", str(db), "--json"], env)
                 _, compacted = table_facts(db)
+                stages = report.get("stage_seconds", {})
                 runs[f"{size}/{runner}"] = {
                     "seconds": round(seconds, 2),
                     "chunks": chunks,
                     "chunks_per_s": round(chunks / seconds, 1),
+                    "stage_seconds": stages,
+                    "pipeline_chunks_per_s": round(chunks / stages["pipeline"], 1),
                     "peak_rss_gib": round(peak / 2**30, 3),
                     "versions_added": versions,
                     "fragments_written": fragments,
@@ -174,16 +207,16 @@ def main() -> None:
                 lo, hi = runs.get(f"{sizes[0]}/{runner}"), runs.get(f"{sizes[-1]}/{runner}")
                 if lo and hi:
                     result[f"rss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
-                        float(hi["peak_rss_gib"]) / float(lo["peak_rss_gib"]),
-                        3,  # type: ignore[arg-type]
+                        float(hi["peak_rss_gib"]) / float(lo["peak_rss_gib"]), 3
                     )
         for size in sizes:
             r1, r2 = runs.get(f"{size}/ray1"), runs.get(f"{size}/ray2")
             if r1 and r2:
-                result[f"ray2_over_ray1_{size}"] = round(
-                    float(r2["chunks_per_s"]) / float(r1["chunks_per_s"]),  # type: ignore[arg-type]
-                    3,
-                )
+                for rate in ("chunks_per_s", "pipeline_chunks_per_s"):
+                    result[f"ray2_over_ray1_{size}_{rate}"] = round(
+                        float(r2[rate]) / float(r1[rate]),
+                        3,
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))

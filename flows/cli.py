@@ -142,6 +142,18 @@ def _ingest_parser(sub: Any) -> None:
     g.add_argument(
         "--ray-gpus-per-worker", type=float, default=0.0, help="Ray: GPUs per embedding actor"
     )
+    g.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="Ray, local instance: CPUs it may use (default: every core)",
+    )
+    g.add_argument(
+        "--ray-memory-mb",
+        type=int,
+        default=512,
+        help="Ray: object-store memory for the pipeline's blocks in flight (default 512)",
+    )
     p.add_argument(
         "--include",
         action="append",
@@ -386,6 +398,8 @@ def _ingest(args: argparse.Namespace) -> int:
                 "ray_address": args.ray_address,
                 "ray_workers": args.ray_workers,
                 "ray_gpus_per_worker": args.ray_gpus_per_worker,
+                "ray_cpus": args.ray_cpus,
+                "ray_memory_mb": args.ray_memory_mb,
                 "max_failed_fraction": args.max_failed_fraction,
                 "max_delete_fraction": args.max_delete_fraction,
                 "verify": args.verify,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import deque
 from typing import Annotated, Any
 
@@ -196,7 +197,9 @@ def ingest_with(params: IngestParams) -> IngestReport:
             )
             update_progress_artifact(progress_id, progress=100.0)
         elif plan.to_process:
+            started = time.perf_counter()
             _pipeline(run, plan, progress_id)
+            run.report.stage_seconds["pipeline"] = round(time.perf_counter() - started, 3)
     finally:
         plan.cleanup()
     mark_record_files(run, plan)

@@ -151,7 +151,7 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
 
         from tasks.ray_runner import connect, worker_env
 
-        connect(params.ray_address)
+        connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)
         lance_ray.add_columns(
             uri,
             transform=transform,

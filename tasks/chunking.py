@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,11 @@ from tasks.errors import ConfigurationError
 from tasks.parsing import ParsedDocument
 
 if TYPE_CHECKING:
+    import numpy as np
     from tokenizers import Tokenizer
+
+#: texts -> the model's input ids for each (special tokens included)
+TokenEncoder = Callable[[list[str]], list["np.ndarray"]]
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 _FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
@@ -34,6 +39,9 @@ class ChunkSpan:
     heading: str = ""
     page_start: int | None = None
     page_end: int | None = None
+    #: the model's input ids, when the chunker was given the model's encoder: the model then
+    #: reads these and does not tokenise the text again
+    token_ids: np.ndarray | None = None
 
 
 def heading_outline(
@@ -71,6 +79,7 @@ class Chunker:
         whole: bool = False,
         tiktoken_model: str | None = None,
         words: bool = False,
+        encoder: TokenEncoder | None = None,
     ) -> None:
         from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
@@ -83,6 +92,7 @@ class Chunker:
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
         self.whole = whole
+        self.encoder = encoder
         self._text: Any
         self._markdown: Any
         if tiktoken_model is not None:
@@ -118,6 +128,19 @@ class Chunker:
         """Chunks of a document, or of one segment of a long one: `first_index` and
         `char_base` place the segment in its document, `headings` carries the open Markdown
         headings from segment to segment."""
+        spans = self._split(doc, first_index, char_base, headings)
+        if self.encoder is not None and spans:
+            for span, ids in zip(spans, self.encoder([s.text for s in spans]), strict=True):
+                span.token_ids = ids
+        return spans
+
+    def _split(
+        self,
+        doc: ParsedDocument,
+        first_index: int,
+        char_base: int,
+        headings: list[tuple[int, str]] | None,
+    ) -> list[ChunkSpan]:
         if self.whole:
             text = doc.text.strip()
             start = doc.text.find(text[:1]) if text else 0

@@ -64,16 +64,23 @@ def embed_outcomes(
     hashes = [text_hash(c.text) for _, c in spans]
     cached = store.cached_vectors(hashes, cache_tables)
     missing: dict[str, str] = {}
+    ids: dict[str, Any] = {}
     for h, (_, c) in zip(hashes, spans, strict=True):
         if h not in cached and h not in missing:
             missing[h] = c.text
+            if c.token_ids is not None:
+                ids[h] = c.token_ids
+    embed_ids = getattr(embedder, "embed_ids", None)
     vectors: dict[str, np.ndarray] = dict(cached)
     rejected: dict[str, str] = {}
     todo = [h for h in missing if h not in memo]
     for start in range(0, len(todo), SUB_BATCH):
         keys = todo[start : start + SUB_BATCH]
         try:
-            fresh = embedder.embed([missing[h] for h in keys])
+            if embed_ids is not None and all(h in ids for h in keys):
+                fresh = embed_ids([missing[h] for h in keys], [ids[h] for h in keys])
+            else:
+                fresh = embedder.embed([missing[h] for h in keys])
         except PartialEmbeddingError as exc:
             fresh = exc.vectors
             rejected.update({keys[i]: why for i, why in exc.failed.items()})
@@ -224,4 +231,7 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings) -> Chunker:
             f"chunk_tokens={size} exceeds what {emb.model_id} reads ({limit} tokens plus its "
             "special tokens); longer chunks would be truncated silently. Lower --chunk-tokens."
         )
-    return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole)
+    # tokenise once: where the model reads input ids (ONNX), the chunker encodes each chunk
+    # as it cuts it, in the parse stage, and the model reads those ids
+    encoder = emb.token_ids if emb.planned()[1].startswith("onnx") else None
+    return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder)

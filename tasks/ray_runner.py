@@ -34,6 +34,7 @@ import os
 import pickle
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,9 +241,10 @@ def _import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> Any:
-    """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one;
-    a process already connected keeps its connection."""
+def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 512) -> Any:
+    """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one
+    (`num_cpus` CPUs, an object store of twice `memory_mb`: Ray's default is 30 % of the
+    machine's memory); a process already connected keeps its connection."""
     ray = _import_ray()
     if ray.is_initialized():
         if address:
@@ -254,6 +256,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> Any:
         ray.init(
             address=address or None,
             num_cpus=num_cpus if not address else None,
+            object_store_memory=None if address else 2 * memory_mb * 2**20,
             include_dashboard=False,
             log_to_driver=False,
             ignore_reinit_error=True,
@@ -301,6 +304,7 @@ def run_pipeline(
     workers: int,
     gpus_per_worker: float = 0.0,
     on_shard: Any = None,
+    stage_seconds: dict[str, float] | None = None,
 ) -> tuple[list[str], str, int, int, int]:
     """Run the Ray Data pipeline over the plan's batches.
 
@@ -308,7 +312,12 @@ def run_pipeline(
     are spilled to a local file as results arrive (the driver's memory does not grow with the
     corpus); fragments are small metadata records.
     """
-    ray = connect(job.params.ray_address)
+    params = job.params
+    clock = time.perf_counter()
+    timings = {} if stage_seconds is None else stage_seconds
+    ray = connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)
+    timings["ray_start"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
     import ray.data as rd
 
     refs = shard_refs(ray, batches)
@@ -317,6 +326,11 @@ def run_pipeline(
     ctx = rd.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    # blocks in flight (chunks, vectors) within a fixed budget whatever the corpus size:
+    # Ray Data's backpressure holds the parsers back when the embedders fall behind
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=params.ray_memory_mb * 2**20
+    )
     # every stage: one shard per call, Arrow in and out, the driver's settings in the env
     stage: dict[str, Any] = {
         "batch_size": 1,
@@ -355,6 +369,7 @@ def run_pipeline(
                 if on_shard is not None:
                     on_shard(pickle.loads(row["outcomes"]))
         ok = True
+        timings["pipeline"] = round(time.perf_counter() - clock, 3)
     except LanceflowError:
         raise
     except Exception as exc:
@@ -495,8 +510,13 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     )
     batches = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
     fragments, spill, embedded, cached, chunks = run_pipeline(
-        job, batches, workers=params.ray_workers, gpus_per_worker=params.ray_gpus_per_worker
+        job,
+        batches,
+        workers=params.ray_workers,
+        gpus_per_worker=params.ray_gpus_per_worker,
+        stage_seconds=run.report.stage_seconds,
     )
+    clock = time.perf_counter()
     result = RayResult(embedded=embedded, cached=cached, fragments=len(fragments))
     try:
         # the documents whose old chunks the new ones replace (all of them when the table had
@@ -536,6 +556,7 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
                 pending = []
         if pending:
             _manifest(store, pending, run, write_manifest)
+        run.report.stage_seconds["commit"] = round(time.perf_counter() - clock, 3)
     finally:
         if spill:
             import shutil

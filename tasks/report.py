@@ -60,6 +60,10 @@ class IngestReport(BaseModel):
     tokens: int = 0  # tokens sent to a paid embeddings API
     cost_usd: float = 0.0  # their estimated cost at the configured price
     seconds: float = 0.0
+    #: wall seconds of the run's stages: 'pipeline' (read, parse, chunk, embed and write the
+    #: documents to process), on Ray also 'ray_start' (joining or starting the cluster) and
+    #: 'commit' (the one table commit and the manifest rows)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
     orchestrated: bool = True
     status: str = "completed"
 

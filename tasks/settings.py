@@ -310,6 +310,21 @@ class RunSettings(_Model):
     ray_gpus_per_worker: float = Field(
         0.0, ge=0.0, le=16.0, description="Ray: GPUs each embedding actor reserves (0: CPU)."
     )
+    ray_cpus: int | None = Field(
+        None,
+        ge=1,
+        le=4_096,
+        description="Ray, local instance only (no address): the CPUs it may use; empty: every "
+        "core. An existing cluster has its own.",
+    )
+    ray_memory_mb: int = Field(
+        512,
+        ge=128,
+        le=1_048_576,
+        description="Ray: the object-store memory the pipeline's blocks in flight may take (and "
+        "the size of a local instance's object store, twice this). Bounds memory whatever the "
+        "corpus size; raise it for GPU workers that outrun the parsers.",
+    )
 
 
 class IngestParams(RunSettings):

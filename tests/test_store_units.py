@@ -132,3 +132,48 @@ def test_lock_names_and_messages_carry_no_credentials(tmp_path):
     # one table, one slot, however its path is spelled
     assert lock_name(str(tmp_path / "db")) == lock_name(str(tmp_path / "x" / ".." / "db"))
     assert display_location(str(tmp_path / "db")) == str((tmp_path / "db").resolve())
+
+
+class _CountingTokenizer:
+    """The model's real tokenizer, counting the texts it encodes."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.texts = 0
+
+    def encode_batch(self, texts, *args, **kwargs):
+        self.texts += len(texts)
+        return self.inner.encode_batch(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path):
+    """The chunker encodes each chunk as it cuts it; the model (int8 ONNX) reads those ids and
+    does not tokenise again; the vectors are bit-identical to embedding the text."""
+    import numpy as np
+
+    from tasks.embedders.local import LocalEmbedder
+    from tasks.embedding import make_chunker
+    from tasks.settings import DEFAULT_MODEL, ChunkSettings
+
+    emb = LocalEmbedder(DEFAULT_MODEL)
+    counting = _CountingTokenizer(emb.input_tokenizer)
+    emb.__dict__["input_tokenizer"] = counting  # what the chunker and the model both use
+    chunker = make_chunker(emb, ChunkSettings(chunk_tokens=24))
+    assert chunker.encoder is not None
+    docs = [_outcome(f"d{i}.md", TEXT * (i + 1) + f" Document {i}.", chunker) for i in range(4)]
+    n = sum(len(o.chunks) for o in docs)
+    assert n > 8 and counting.texts == n  # once each, by the chunker
+    assert all(c.token_ids is not None for o in docs for c in o.chunks)
+    batch = embed_outcomes(docs, emb, Store(str(tmp_path / "db")), "local", SRC)
+    assert batch.embedded > 0
+    assert counting.texts == n  # the model read the ids: no second tokenisation
+    assert emb.backend == "onnx-int8"
+    rows = batch.rows
+    got = dict(zip(rows.column("text").to_pylist(), rows.column("vector").to_pylist(), strict=True))
+    texts = sorted(got)
+    from_text = emb.embed(texts)  # the text path, which tokenises
+    assert counting.texts == n + len(texts)
+    assert np.array_equal(np.asarray([got[t] for t in texts], dtype=np.float32), from_text)

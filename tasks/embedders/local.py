@@ -282,6 +282,17 @@ class LocalEmbedder:
         return load_tokenizer(self.model_dir)
 
     @cached_property
+    def input_tokenizer(self) -> Tokenizer:
+        """The tokenizer as the model reads: truncating at its max sequence length."""
+        tok = load_tokenizer(self.model_dir)
+        tok.enable_truncation(self.layout.max_seq_length)
+        return tok
+
+    def token_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """The model's input ids of each text (what embed would feed it), for embed_ids."""
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.input_tokenizer.encode_batch(texts)]
+
+    @cached_property
     def special_tokens(self) -> int:
         return len(self.tokenizer.encode("", add_special_tokens=True).ids)
 
@@ -377,6 +388,20 @@ class LocalEmbedder:
             return np.zeros((0, self._dimension or 0), dtype=np.float32)
         self.batches += 1
         vectors = normalize(self._impl.encode(list(texts), self.batch_size))
+        self._dimension = int(vectors.shape[1])
+        return vectors
+
+    def embed_ids(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> np.ndarray:
+        """embed(texts), from their input ids (token_ids) where the backend reads ids (ONNX):
+        the same vectors, without tokenising again."""
+        if self._impl is None:
+            self.load()
+        if not isinstance(self._impl, _OnnxModel):
+            return self.embed(texts)
+        if not texts:
+            return np.zeros((0, self._dimension or 0), dtype=np.float32)
+        self.batches += 1
+        vectors = normalize(self._impl.encode_ids(list(ids)))
         self._dimension = int(vectors.shape[1])
         return vectors
 
@@ -524,23 +549,25 @@ class _OnnxModel:
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.tokenizer = load_tokenizer(owner.model_dir)
-        self.tokenizer.enable_truncation(owner.layout.max_seq_length)
+        self.tokenizer = owner.input_tokenizer
         self.pooling = owner.layout.pooling
         self.workers = _cpu_count()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lanceflow-onnx")
 
-    def _one(self, ids: list[int]) -> np.ndarray:
-        arr = np.asarray([ids], dtype=np.int64)
+    def _one(self, ids: np.ndarray) -> np.ndarray:
+        arr = ids.reshape(1, -1)
         hidden = self.session.run(None, {"input_ids": arr, "attention_mask": np.ones_like(arr)})[0]
         return hidden[0, 0, :] if self.pooling == "cls" else hidden[0].mean(axis=0)
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         encodings = self.tokenizer.encode_batch(texts)
+        return self.encode_ids([np.asarray(e.ids, dtype=np.int64) for e in encodings])
+
+    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
         # longest first, so the last texts to finish are short ones and no core idles long
-        order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
-        vectors = list(self._pool.map(lambda i: self._one(encodings[i].ids), order))
-        out = np.zeros((len(texts), vectors[0].shape[0]), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        vectors = list(self._pool.map(lambda i: self._one(ids[i]), order))
+        out = np.zeros((len(ids), vectors[0].shape[0]), dtype=np.float32)
         for i, v in zip(order, vectors, strict=True):
             out[i] = v
         return out

@@ -370,6 +370,8 @@ def run_pipeline(
                     on_shard(pickle.loads(row["outcomes"]))
         ok = True
         timings["pipeline"] = round(time.perf_counter() - clock, 3)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data stages:\n%s", ds.stats())
     except LanceflowError:
         raise
     except Exception as exc:

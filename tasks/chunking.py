@@ -40,7 +40,7 @@ class ChunkSpan:
     page_start: int | None = None
     page_end: int | None = None
     #: the model's input ids, when the chunker was given the model's encoder: the model then
-    #: reads these and does not tokenise the text again
+    #: reads these and does not tokenise the text again (dropped once the chunk is embedded)
     token_ids: np.ndarray | None = None
 
 

@@ -92,6 +92,8 @@ def embed_outcomes(
     for h in missing:
         if h not in rejected:
             vectors[h] = memo[h]
+    for _, c in spans:  # embedded: the ids are not needed again (a retry reads the text)
+        c.token_ids = None
     if rejected:
         # the document keeps its other chunks and is marked failed, so the next run retries
         # only the rejected chunk (the others come from the cache)
@@ -205,8 +207,9 @@ def resolve_api_key(settings: EmbedderSettings, required: bool = True) -> str | 
     return key
 
 
-def make_chunker(embedder: Embedder, chunking: ChunkSettings) -> Chunker:
-    """A chunker counting in the embedder's own tokens."""
+def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = True) -> Chunker:
+    """A chunker counting in the embedder's own tokens. With `token_ids`, and where the
+    model reads ids (int8 ONNX), each chunk also carries its input ids (tokenise once)."""
     from tasks.embedders.hashing import HashEmbedder
     from tasks.embedders.openai import OpenAIEmbedder
 
@@ -233,5 +236,9 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings) -> Chunker:
         )
     # tokenise once: where the model reads input ids (ONNX), the chunker encodes each chunk
     # as it cuts it, in the parse stage, and the model reads those ids
-    encoder = emb.token_ids if emb.planned()[1].startswith("onnx") else None
+    reads_ids = token_ids and (
+        emb.requested_backend.startswith("onnx")
+        or (emb.requested_backend == "auto" and emb.planned()[1].startswith("onnx"))
+    )
+    encoder = emb.token_ids if reads_ids else None
     return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder)

@@ -44,15 +44,15 @@ from pydantic import SecretStr
 
 from tasks.errors import ConfigurationError, LanceflowError
 from tasks.generations import Generation
-from tasks.settings import IngestParams
+from tasks.settings import RAY_ACTOR_CPUS, RAY_TASK_CPUS, IngestParams
 
 log = logging.getLogger(__name__)
 
 #: logical CPUs each stage reserves per task or actor. Fractions, so that on a small node
 #: the embedding actors (which hold their share for the whole run) never starve the parse
 #: and write tasks of a CPU to be scheduled on: the OS shares the real cores among them
-EMBED_CPUS = 0.5
-TASK_CPUS = 0.5
+EMBED_CPUS = RAY_ACTOR_CPUS
+TASK_CPUS = RAY_TASK_CPUS
 #: restarts of an embedding actor (and retries of its shard) before the run fails
 MAX_RESTARTS = 3
 
@@ -113,7 +113,10 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
             objs = {
                 "source": Source(job.params.source),
                 "embedder": embedder,
-                "chunker": make_chunker(embedder, job.params.chunking),
+                # ids only for CPU actors (int8 ONNX); GPU actors run torch, which reads text
+                "chunker": make_chunker(
+                    embedder, job.params.chunking, token_ids=not job.params.ray_gpus_per_worker
+                ),
                 "store": store,
             }
             _WORKER.clear()  # one job per worker process at a time
@@ -252,15 +255,28 @@ def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 5
                 "this process is connected to Ray already; --ray-address %s is unused", address
             )
         return ray
+    common = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
     try:
-        ray.init(
-            address=address or None,
-            num_cpus=num_cpus if not address else None,
-            object_store_memory=None if address else 2 * memory_mb * 2**20,
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+        try:
+            sizes = (
+                {}
+                if address
+                else {
+                    "num_cpus": num_cpus,
+                    "object_store_memory": 2 * memory_mb * 2**20,
+                }
+            )
+            ray.init(address=address or None, **sizes, **common)
+        except ValueError as exc:
+            # no address, but Ray joined a running cluster (RAY_ADDRESS, or one `ray start`
+            # left on this machine): that cluster keeps its own sizes
+            if "existing cluster" not in str(exc):
+                raise
+            log.info(
+                "joining the running Ray cluster; --ray-cpus/--ray-memory-mb size only "
+                "a new local instance"
+            )
+            ray.init(address=address or None, **common)
     except Exception as exc:
         raise RayRunnerError(
             f"cannot reach the Ray cluster at {address or 'a new local instance'}: "

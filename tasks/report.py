@@ -62,7 +62,8 @@ class IngestReport(BaseModel):
     seconds: float = 0.0
     #: wall seconds of the run's stages: 'pipeline' (read, parse, chunk, embed and write the
     #: documents to process), on Ray also 'ray_start' (joining or starting the cluster) and
-    #: 'commit' (the one table commit and the manifest rows)
+    #: 'commit' (the one table commit and the manifest rows); on Ray, documents too long for
+    #: a shard are streamed on the driver after 'commit' and counted in neither
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     orchestrated: bool = True
     status: str = "completed"

@@ -75,7 +75,10 @@ class IngestRun:
         if self._chunker is None:
             from tasks.embedding import make_chunker
 
-            self._chunker = make_chunker(self.embedder, self.params.chunking)
+            # a dry run embeds nothing: its chunks need no token ids
+            self._chunker = make_chunker(
+                self.embedder, self.params.chunking, token_ids=not self.dry_run
+            )
         return self._chunker
 
     def count_usage(self) -> None:

@@ -261,6 +261,11 @@ class StoreSettings(StoreOptions):
     access: TableAccess = Field(default_factory=TableAccess)
 
 
+#: logical CPUs an embedding actor holds on Ray, and each parse or write task takes
+RAY_ACTOR_CPUS = 0.5
+RAY_TASK_CPUS = 0.5
+
+
 class RunSettings(_Model):
     """Batch sizes, failure and deletion limits, and the verify and reindex switches."""
 
@@ -321,10 +326,22 @@ class RunSettings(_Model):
         512,
         ge=128,
         le=1_048_576,
-        description="Ray: the object-store memory the pipeline's blocks in flight may take (and "
-        "the size of a local instance's object store, twice this). Bounds memory whatever the "
-        "corpus size; raise it for GPU workers that outrun the parsers.",
+        description="Ray: the object-store memory the pipeline's blocks in flight (chunks, "
+        "vectors) may take, so they do not grow with the corpus; a local instance's object "
+        "store is twice this. Raise it for GPU workers that outrun the parsers.",
     )
+
+    @model_validator(mode="after")
+    def _enough_ray_cpus(self) -> RunSettings:
+        need = self.ray_workers * RAY_ACTOR_CPUS + RAY_TASK_CPUS
+        if self.ray_cpus is not None and not self.ray_address and self.ray_cpus < need:
+            raise ValueError(
+                f"ray_cpus={self.ray_cpus} is too few for ray_workers={self.ray_workers}: each "
+                f"embedding actor holds {RAY_ACTOR_CPUS} CPU and the parse and write tasks need "
+                f"{RAY_TASK_CPUS} more, so at least {need:g} (the run would wait forever). "
+                "Raise ray_cpus or lower ray_workers."
+            )
+        return self
 
 
 class IngestParams(RunSettings):

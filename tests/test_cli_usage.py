@@ -33,3 +33,17 @@ def test_verbose_works_before_and_after_the_command():
     assert parser.parse_args(["search", "q", "-v"]).verbose
     assert parser.parse_args(["ingest", "docs", "--verbose"]).verbose
     assert not parser.parse_args(["search", "q"]).verbose
+
+
+def test_too_few_ray_cpus_for_the_workers_is_refused_before_anything_runs():
+    """Two actors holding 0.5 CPU each on a one-CPU instance leave none for the parse tasks:
+    the run would wait forever, so the settings are refused with what to change."""
+    import pytest
+    from pydantic import ValidationError
+
+    from tasks.settings import RunSettings
+
+    with pytest.raises(ValidationError, match="ray_cpus=1 is too few for ray_workers=2"):
+        RunSettings(runner="ray", ray_cpus=1, ray_workers=2)
+    RunSettings(runner="ray", ray_cpus=1, ray_workers=1)  # 0.5 + 0.5
+    RunSettings(runner="ray", ray_cpus=1, ray_workers=2, ray_address="auto")  # its own sizes

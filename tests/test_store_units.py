@@ -149,6 +149,7 @@ class _CountingTokenizer:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow
 def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path):
     """The chunker encodes each chunk as it cuts it; the model (int8 ONNX) reads those ids and
     does not tokenise again; the vectors are bit-identical to embedding the text."""
@@ -158,7 +159,7 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     from tasks.embedding import make_chunker
     from tasks.settings import DEFAULT_MODEL, ChunkSettings
 
-    emb = LocalEmbedder(DEFAULT_MODEL)
+    emb = LocalEmbedder(DEFAULT_MODEL, backend="onnx-int8")  # the CPU default, even on a GPU
     counting = _CountingTokenizer(emb.input_tokenizer)
     emb.__dict__["input_tokenizer"] = counting  # what the chunker and the model both use
     chunker = make_chunker(emb, ChunkSettings(chunk_tokens=24))
@@ -170,6 +171,7 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     batch = embed_outcomes(docs, emb, Store(str(tmp_path / "db")), "local", SRC)
     assert batch.embedded > 0
     assert counting.texts == n  # the model read the ids: no second tokenisation
+    assert all(c.token_ids is None for o in docs for c in o.chunks)  # not held after embedding
     assert emb.backend == "onnx-int8"
     rows = batch.rows
     got = dict(zip(rows.column("text").to_pylist(), rows.column("vector").to_pylist(), strict=True))

@@ -290,7 +290,8 @@ class LocalEmbedder:
 
     def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         """The model's input ids of each text (what embed would feed it), for embed_ids."""
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.input_tokenizer.encode_batch(texts)]
+        # int32 while they wait in a batch (half the memory); the model reads int64
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.input_tokenizer.encode_batch(texts)]
 
     @cached_property
     def special_tokens(self) -> int:
@@ -555,7 +556,7 @@ class _OnnxModel:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lanceflow-onnx")
 
     def _one(self, ids: np.ndarray) -> np.ndarray:
-        arr = ids.reshape(1, -1)
+        arr = ids.astype(np.int64, copy=False).reshape(1, -1)
         hidden = self.session.run(None, {"input_ids": arr, "attention_mask": np.ones_like(arr)})[0]
         return hidden[0, 0, :] if self.pooling == "cls" else hidden[0].mean(axis=0)
 

@@ -48,11 +48,10 @@ from tasks.settings import RAY_ACTOR_CPUS, RAY_TASK_CPUS, IngestParams
 
 log = logging.getLogger(__name__)
 
-#: logical CPUs each stage reserves per task or actor. Fractions, so that on a small node
-#: the embedding actors (which hold their share for the whole run) never starve the parse
-#: and write tasks of a CPU to be scheduled on: the OS shares the real cores among them
-EMBED_CPUS = RAY_ACTOR_CPUS
-TASK_CPUS = RAY_TASK_CPUS
+# logical CPUs each stage reserves per task or actor (RAY_ACTOR_CPUS, RAY_TASK_CPUS in
+# tasks.settings): fractions, so that on a small node the embedding actors (which hold their
+# share for the whole run) never starve the parse and write tasks of a CPU to be scheduled
+# on: the OS shares the real cores among them
 #: restarts of an embedding actor (and retries of its shard) before the run fails
 MAX_RESTARTS = 3
 
@@ -353,7 +352,7 @@ def run_pipeline(
         "batch_format": "pyarrow",
         "runtime_env": {"env_vars": worker_env()},
     }
-    tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": TASK_CPUS}
+    tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": RAY_TASK_CPUS}
     ds: Any = rd.from_arrow_refs(refs)
     ds = ds.map_batches(parse_and_chunk, **tasks)
     ds = ds.map_batches(
@@ -361,7 +360,7 @@ def run_pipeline(
         **stage,
         fn_constructor_kwargs={"job": job},
         compute=rd.ActorPoolStrategy(size=workers),
-        num_cpus=EMBED_CPUS,
+        num_cpus=RAY_ACTOR_CPUS,
         num_gpus=gpus_per_worker or None,
         # a killed actor is restarted and its shard run again; an actor that dies the same
         # way every time (a shard that runs it out of memory) fails the run

@@ -385,12 +385,7 @@ class LocalEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self._impl is None:
             self.load()
-        if not texts:
-            return np.zeros((0, self._dimension or 0), dtype=np.float32)
-        self.batches += 1
-        vectors = normalize(self._impl.encode(list(texts), self.batch_size))
-        self._dimension = int(vectors.shape[1])
-        return vectors
+        return self._vectors(len(texts), lambda: self._impl.encode(list(texts), self.batch_size))
 
     def embed_ids(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> np.ndarray:
         """embed(texts), from their input ids (token_ids) where the backend reads ids (ONNX):
@@ -399,10 +394,15 @@ class LocalEmbedder:
             self.load()
         if not isinstance(self._impl, _OnnxModel):
             return self.embed(texts)
-        if not texts:
+        impl = self._impl
+        return self._vectors(len(texts), lambda: impl.encode_ids(list(ids)))
+
+    def _vectors(self, count: int, encode: Any) -> np.ndarray:
+        """One model call's normalised vectors (none for no texts), counted."""
+        if not count:
             return np.zeros((0, self._dimension or 0), dtype=np.float32)
         self.batches += 1
-        vectors = normalize(self._impl.encode_ids(list(ids)))
+        vectors = normalize(encode())
         self._dimension = int(vectors.shape[1])
         return vectors
 

@@ -181,6 +181,18 @@ class TableModel:
 #: tables that get compaction and old-version cleanup besides the generation's own
 _UPKEEP_TABLES = (RUNS, EVALUATIONS, GENERATIONS, "version_tags", "maintenance")
 
+#: the columns a run looks rows up by (B-tree indexes, kept current while it writes)
+CHUNK_KEYS = ("chunk_id", "doc_key", "text_hash")
+DOCUMENT_KEYS = ("doc_key",)
+#: a key index is rebuilt during a run once this many rows, or this share of the table, were
+#: written since it was built. A lookup reads the index for the rows it covers and scans the
+#: rest, so without a rebuild every batch of a large first run would scan all the rows the run
+#: wrote before it: time quadratic in the corpus. Rebuilding at a share of the table keeps the
+#: rebuilds' own cost linear (measured: 3 B-trees over 217k rows in 0.5 s; a lookup batch
+#: scanning 430k unindexed rows 1.6 s).
+KEY_INDEX_STALE_ROWS = 50_000
+KEY_INDEX_STALE_SHARE = 0.05
+
 
 _SESSION: Any = None
 
@@ -238,6 +250,8 @@ class Store:
         self._generation = _generation
         self._bound = _generation is not None
         self._tables: dict[str, Any] = {}
+        #: per table: [rows written since its key indexes were built, rows in the table]
+        self._key_indexes: dict[str, list[int]] = {}
 
     def at(self, generation: Generation) -> Store:
         """A view of `generation` sharing this connection."""
@@ -403,6 +417,7 @@ class Store:
             .when_not_matched_insert_all()
             .execute(data)
         )
+        self._keep_key_indexes(self.documents_name, DOCUMENT_KEYS, data.num_rows)
 
     def delete_documents(self, doc_keys: Sequence[str], batch: int = 500) -> None:
         """Remove documents and all their chunks (chunks first, so a crash converges)."""
@@ -480,7 +495,7 @@ class Store:
         if replace_doc_keys:
             builder = builder.when_not_matched_by_source_delete(sql_in("doc_key", replace_doc_keys))
         builder.execute(rows)
-        self._index_keys_once(tbl)
+        self._keep_key_indexes(self.chunks_name, CHUNK_KEYS, rows.num_rows)
 
     def append_chunks(self, rows: pa.Table) -> None:
         """Append a long document's segment (its version's rows were cleared first, see
@@ -488,7 +503,7 @@ class Store:
         if rows.num_rows:
             tbl = self.chunks()
             tbl.add(rows)
-            self._index_keys_once(tbl)
+            self._keep_key_indexes(self.chunks_name, CHUNK_KEYS, rows.num_rows)
 
     def delete_version(self, doc_key: str, version: str) -> None:
         """Drop a document's rows of one version (left by an interrupted attempt)."""
@@ -510,18 +525,36 @@ class Store:
             tbl.delete(where)
         return stale
 
-    def _index_keys_once(self, tbl: Any) -> None:
-        """B-tree indexes on the lookup keys as soon as the table has rows, so the lookups of
-        a large first run do not scan the whole table for every batch."""
-        names = {ix.name for ix in tbl.list_indices()}
-        for column in ("chunk_id", "doc_key", "text_hash"):
-            if f"{column}_idx" not in names:
+    def _keep_key_indexes(self, name: str, columns: Sequence[str], written: int) -> None:
+        """B-tree indexes on a table's lookup keys as soon as it has rows, rebuilt while a run
+        writes once the rows they do not cover pass KEY_INDEX_STALE_ROWS or
+        KEY_INDEX_STALE_SHARE of the table: each batch's lookups then scan a bounded number of
+        rows, not everything the run wrote before it."""
+        tbl = self.table(name)
+        state = self._key_indexes.get(name)
+        if state is None:  # first write through this view: what is there already
+            indexes = {ix.name: ix for ix in tbl.list_indices()}
+            missing = [c for c in columns if f"{c}_idx" not in indexes]
+            stale = max(
+                (
+                    int(getattr(indexes[f"{c}_idx"], "num_unindexed_rows", 0) or 0)
+                    for c in columns
+                    if f"{c}_idx" in indexes
+                ),
+                default=0,
+            )
+            state = self._key_indexes[name] = [stale, int(tbl.count_rows())]
+            if missing:
+                state[0] = state[1]
+        else:
+            state[0] += written
+            state[1] += written
+        if state[1] and state[0] >= min(
+            state[1], max(KEY_INDEX_STALE_ROWS, int(KEY_INDEX_STALE_SHARE * state[1]))
+        ):
+            for column in columns:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
-        docs = self.documents_name
-        if self.has(docs):
-            dtbl = self.table(docs)
-            if "doc_key_idx" not in {ix.name for ix in dtbl.list_indices()} and dtbl.count_rows():
-                dtbl.create_scalar_index("doc_key", index_type="BTREE", replace=True)
+            state[:] = [0, int(tbl.count_rows())]
 
     # ---- runs --------------------------------------------------------------------------
 

@@ -179,3 +179,39 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     from_text = emb.embed(texts)  # the text path, which tokenises
     assert counting.texts == n + len(texts)
     assert np.array_equal(np.asarray([got[t] for t in texts], dtype=np.float32), from_text)
+
+
+def test_key_indexes_keep_up_with_a_long_run(tmp_path, fake_embedder, chunker, monkeypatch):
+    """A run's lookups (embedding cache, old chunk ids, manifest rows) read the key indexes and
+    scan what they do not cover: the indexes are rebuilt as the run writes, so the rows left
+    for a scan stay bounded instead of growing with everything written so far."""
+    import tasks.store as store_module
+
+    monkeypatch.setattr(store_module, "KEY_INDEX_STALE_ROWS", 30)
+    store = Store(str(tmp_path / "db"))
+    store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
+    worst = {"chunks": 0, "documents": 0}
+    rebuilt = set()
+    for n in range(30):
+        docs = [
+            _outcome(f"d{n}-{i}.md", f"Document {n}.{i} about topic {n * 7 + i}. " * 12, chunker)
+            for i in range(4)
+        ]
+        write_batch(store, docs, embed_outcomes(docs, fake_embedder, store, "local", SRC).rows, SRC)
+        for name, key in (("chunks", "chunk_id_idx"), ("documents", "doc_key_idx")):
+            (ix,) = [i for i in store.table(name).list_indices() if i.name == key]
+            worst[name] = max(worst[name], ix.num_unindexed_rows)
+            rebuilt.add((name, ix.index_uuid))
+    rows = {name: store.table(name).count_rows() for name in worst}
+    assert rows["chunks"] > 10 * 30 and rows["documents"] > 3 * 30  # past the limit, often
+    for name, total in rows.items():
+        per_batch = total // 30
+        # never more than the limit (plus the batch that crossed it) left to scan; without
+        # the rebuilds it would be everything after the first batch
+        assert 0 < worst[name] < 30 + per_batch, name
+        assert sum(1 for n, _ in rebuilt if n == name) >= total // (30 + per_batch), name
+    # lookups through the rebuilt indexes still find every row
+    keys = store.documents().to_arrow().column("doc_key").to_pylist()
+    assert len(keys) == rows["documents"]
+    assert len(store.chunk_ids_of(keys)) == rows["chunks"]
+    assert len(store.document_rows(keys)) == rows["documents"]

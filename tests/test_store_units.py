@@ -181,16 +181,22 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     assert np.array_equal(np.asarray([got[t] for t in texts], dtype=np.float32), from_text)
 
 
-def test_key_indexes_keep_up_with_a_long_run(tmp_path, fake_embedder, chunker, monkeypatch):
+@pytest.mark.parametrize(("stale_rows", "stale_share"), [(30, 0.0), (1, 0.25)])
+def test_key_indexes_keep_up_with_a_long_run(
+    tmp_path, fake_embedder, chunker, monkeypatch, stale_rows, stale_share
+):
     """A run's lookups (embedding cache, old chunk ids, manifest rows) read the key indexes and
     scan what they do not cover: the indexes are rebuilt as the run writes, so the rows left
-    for a scan stay bounded instead of growing with everything written so far."""
+    for a scan stay bounded (a row count, or a share of the table, whichever is larger)
+    instead of growing with everything written so far."""
     import tasks.store as store_module
 
-    monkeypatch.setattr(store_module, "KEY_INDEX_STALE_ROWS", 30)
+    monkeypatch.setattr(store_module, "KEY_INDEX_STALE_ROWS", stale_rows)
+    monkeypatch.setattr(store_module, "KEY_INDEX_STALE_SHARE", stale_share)
+    keys_of = {"chunks": store_module.CHUNK_KEYS, "documents": store_module.DOCUMENT_KEYS}
     store = Store(str(tmp_path / "db"))
     store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
-    worst = {"chunks": 0, "documents": 0}
+    worst = {"chunks": 0.0, "documents": 0.0}  # unindexed rows / the limit at that size
     rebuilt = set()
     for n in range(30):
         docs = [
@@ -198,18 +204,25 @@ def test_key_indexes_keep_up_with_a_long_run(tmp_path, fake_embedder, chunker, m
             for i in range(4)
         ]
         write_batch(store, docs, embed_outcomes(docs, fake_embedder, store, "local", SRC).rows, SRC)
-        for name, key in (("chunks", "chunk_id_idx"), ("documents", "doc_key_idx")):
-            (ix,) = [i for i in store.table(name).list_indices() if i.name == key]
-            worst[name] = max(worst[name], ix.num_unindexed_rows)
-            rebuilt.add((name, ix.index_uuid))
-    rows = {name: store.table(name).count_rows() for name in worst}
-    assert rows["chunks"] > 10 * 30 and rows["documents"] > 3 * 30  # past the limit, often
+        for name, keys in keys_of.items():
+            tbl = store.table(name)
+            limit = max(stale_rows, stale_share * tbl.count_rows())
+            indexes = {i.name: i for i in tbl.list_indices()}
+            for key in keys:  # every key column's index, not only the first
+                ix = indexes[f"{key}_idx"]
+                worst[name] = max(worst[name], ix.num_unindexed_rows / limit)
+                rebuilt.add((name, key, ix.index_uuid))
+    rows = {name: store.table(name).count_rows() for name in keys_of}
+    assert rows["chunks"] > 300 and rows["documents"] == 120  # past the limits, often
     for name, total in rows.items():
-        per_batch = total // 30
+        per_batch = total / 30
         # never more than the limit (plus the batch that crossed it) left to scan; without
         # the rebuilds it would be everything after the first batch
-        assert 0 < worst[name] < 30 + per_batch, name
-        assert sum(1 for n, _ in rebuilt if n == name) >= total // (30 + per_batch), name
+        assert 0 < worst[name] < 1 + per_batch / max(stale_rows, stale_share * per_batch), name
+        builds = {
+            k: len({u for n, kk, u in rebuilt if (n, kk) == (name, k)}) for k in keys_of[name]
+        }
+        assert min(builds.values()) >= 3, (name, builds)  # rebuilt again and again, each key
     # lookups through the rebuilt indexes still find every row
     keys = store.documents().to_arrow().column("doc_key").to_pylist()
     assert len(keys) == rows["documents"]

@@ -1,13 +1,16 @@
 """Memory and time of the default runner's table work as a run grows, without the model.
 
 Each batch does to the chunks table what one default-runner batch does: look up the batch's
-text hashes (the embedding cache) and its documents' old chunk ids, then upsert the rows
-(merge_insert on chunk_id). Rows are generated (random vectors), so nothing but LanceDB and
-lanceflow's Store runs. Every mode runs in a fresh process:
+text hashes (the embedding cache) and its documents' old chunk ids, then write the rows
+(merge_insert on chunk_id, or an append when the documents have no rows yet). Rows are
+generated (random vectors), so nothing but LanceDB and lanceflow's Store runs. Every mode runs
+in a fresh process:
 
   append   plain appends, no lookups, no merge_insert (the control)
-  upsert   merge_insert only
-  run      lookups + merge_insert: what an ingest does per batch
+  upsert   merge_insert only (every batch, as a run writing changed documents does)
+  run      what an ingest does per batch (tasks.writing.write_batch): the lookups, then
+           Store.replace_chunks with the old chunk ids found (none here: new documents, so
+           it appends)
 
     python benchmarks/write_memory.py [--batches 120] [--rows 3650] [--dim 256]
                                       [--modes append,upsert,run]
@@ -97,10 +100,11 @@ def child(mode: str, batches: int, rows: int, dim: int, db: str) -> dict[str, An
         if mode == "append":
             store.chunks().add(data)
         else:
+            stored = None
             if mode == "run":
                 store.cached_vectors(data.column("text_hash").to_pylist())
-                store.chunk_ids_of(keys)
-            store.replace_chunks(data, keys)
+                stored = store.chunk_ids_of(keys)
+            store.replace_chunks(data, keys, stored)
         ms.append(1000 * (time.perf_counter() - t))
         anon.append(_anon_mib())
     warm = min(10, batches - 1)

@@ -482,10 +482,22 @@ class Store:
         )
         return set(data.column("chunk_id").to_pylist())
 
-    def replace_chunks(self, rows: pa.Table, replace_doc_keys: Sequence[str]) -> None:
+    def replace_chunks(
+        self, rows: pa.Table, replace_doc_keys: Sequence[str], stored: set[str] | None = None
+    ) -> None:
         """Upsert chunks on chunk_id and drop the other chunks of the given documents, in one
-        commit: a document's old chunks never coexist with its new ones."""
+        commit: a document's old chunks never coexist with its new ones.
+
+        `stored`: the chunk ids these documents have in the table now (chunk_ids_of), when the
+        caller looked. None stored (new documents: all of a first run) makes it a plain append,
+        the same result without the upsert's join, whose time and memory grow with the table
+        (benchmarks/write_memory.py). A chunk id names its document, so no other document's
+        row can match."""
         tbl = self.chunks()
+        if stored is not None and not stored and rows.num_rows:
+            tbl.add(rows)
+            self._keep_key_indexes(self.chunks_name, CHUNK_KEYS, rows.num_rows)
+            return
         if rows.num_rows == 0:
             if replace_doc_keys:
                 tbl.delete(sql_in("doc_key", replace_doc_keys))

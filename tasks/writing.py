@@ -48,7 +48,7 @@ def write_batch(
     new_ids = set(rows.column("chunk_id").to_pylist()) if rows is not None else set()
     if rows is not None or (replace and store.has_chunks()):
         empty = pa.Table.from_pylist([], schema=store.chunks().schema) if rows is None else rows
-        store.replace_chunks(empty, replace)
+        store.replace_chunks(empty, replace, old_ids)
     crash_point("after-chunk-commit")
     counts.chunks.written += len(new_ids)
     counts.chunks.deleted += len(old_ids - new_ids)

@@ -251,8 +251,8 @@ class Store:
         self._generation = _generation
         self._bound = _generation is not None
         self._tables: dict[str, Any] = {}
-        #: per table: [rows written since its key indexes were built, rows in the table]
-        self._key_indexes: dict[str, list[int]] = {}
+        #: per table: rows written since its key indexes were built
+        self._unindexed: dict[str, int] = {}
 
     def at(self, generation: Generation) -> Store:
         """A view of `generation` sharing this connection."""
@@ -495,8 +495,7 @@ class Store:
         row can match."""
         tbl = self.chunks()
         if stored is not None and not stored and rows.num_rows:
-            tbl.add(rows)
-            self._keep_key_indexes(self.chunks_name, CHUNK_KEYS, rows.num_rows)
+            self.append_chunks(rows)
             return
         if rows.num_rows == 0:
             if replace_doc_keys:
@@ -544,30 +543,25 @@ class Store:
         KEY_INDEX_STALE_SHARE of the table, whichever is larger: each batch's lookups then
         scan at most that many rows, not everything the run wrote before it."""
         tbl = self.table(name)
-        state = self._key_indexes.get(name)
-        if state is None:  # first write through this view: what is there already
+        total = int(tbl.count_rows())
+        stale = self._unindexed.get(name)
+        if stale is None:  # first write through this view: what is there already
             indexes = {ix.name: ix for ix in tbl.list_indices()}
-            missing = [c for c in columns if f"{c}_idx" not in indexes]
-            stale = max(
-                (
-                    int(getattr(indexes[f"{c}_idx"], "num_unindexed_rows", 0) or 0)
-                    for c in columns
-                    if f"{c}_idx" in indexes
-                ),
-                default=0,
-            )
-            state = self._key_indexes[name] = [stale, int(tbl.count_rows())]
-            if missing:
-                state[0] = state[1]
-        else:  # rows a merge_insert updated are new rows too; the size is read, not counted
-            state[0] += written
-            state[1] = int(tbl.count_rows())
-        if state[1] and state[0] >= min(
-            state[1], max(KEY_INDEX_STALE_ROWS, int(KEY_INDEX_STALE_SHARE * state[1]))
+            if all(f"{c}_idx" in indexes for c in columns):
+                stale = max(
+                    int(getattr(indexes[f"{c}_idx"], "num_unindexed_rows", 0) or 0) for c in columns
+                )
+            else:
+                stale = total
+        else:
+            stale += written
+        if total and stale >= min(
+            total, max(KEY_INDEX_STALE_ROWS, int(KEY_INDEX_STALE_SHARE * total))
         ):
             for column in columns:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
-            state[:] = [0, int(tbl.count_rows())]
+            stale = 0
+        self._unindexed[name] = stale
 
     # ---- runs --------------------------------------------------------------------------
 
@@ -656,7 +650,7 @@ class Store:
                 ascii_folding=False,
             )
             created.append("text_cjk_idx")
-        for column in ("chunk_id", "doc_key", "text_hash"):
+        for column in CHUNK_KEYS:
             if f"{column}_idx" not in names and rows:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
                 created.append(f"{column}_idx")

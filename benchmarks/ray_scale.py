@@ -19,6 +19,9 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
   pipeline_chunks_per_s  chunks / the pipeline stage: the rate a long run converges to
   peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
                        server, Ray's raylet/GCS/workers), sampled every 0.1 s
+  peak_rss_by_process  each process's own peak RSS (GiB), by role: 'cli' (the command itself),
+                       else the first words of its command line (Prefect's server, Ray's
+                       processes); a role with several processes sums their peaks
   versions_added       chunks-table versions whose row count differs from the one before
                        (data commits; index builds and compaction add versions too but no rows)
   fragments_written    fragments in the table right after the run
@@ -66,11 +69,21 @@ def generate(root: Path, n: int, seed: int = 0) -> None:
         (sub / f"doc{i:06d}.md").write_text(f"# Document {i}\n\n" + "\n\n".join(paras) + "\n")
 
 
+def _role(p: Any, root_pid: int) -> str:
+    if p.pid == root_pid:
+        return "cli"
+    try:
+        words = [Path(w).name if i == 0 else w for i, w in enumerate(p.cmdline()[:4])]
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return "?"
+    return " ".join(words)[:60] or "?"
+
+
 def run_tree(
     cmd: list[str], env: dict[str, str], cores: int | None = None
-) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS of the process tree (bytes), stdout; pinned to the first
-    `cores` cores when given."""
+) -> tuple[float, int, str, dict[str, float]]:
+    """Wall seconds, peak RSS of the process tree (bytes), stdout, and each role's peak RSS
+    (GiB); pinned to the first `cores` cores when given."""
     import psutil
 
     pin = None
@@ -101,6 +114,8 @@ def run_tree(
     root = psutil.Process(proc.pid)
     peak = 0
     seen: dict[int, psutil.Process] = {}
+    own_peak: dict[int, int] = {}
+    roles: dict[int, str] = {}
     while proc.poll() is None:
         total = 0
         try:
@@ -109,8 +124,12 @@ def run_tree(
             procs = []
         for p in procs:
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
                 seen[p.pid] = p
+                own_peak[p.pid] = max(own_peak.get(p.pid, 0), rss)
+                if p.pid not in roles:
+                    roles[p.pid] = _role(p, proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         peak = max(peak, total)
@@ -121,7 +140,11 @@ def run_tree(
     if proc.returncode != 0:
         sys.stderr.write("".join(err)[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return seconds, peak, "".join(out)
+    by_role: dict[str, float] = {}
+    for pid, value in own_peak.items():
+        role = roles.get(pid, "?")
+        by_role[role] = by_role.get(role, 0.0) + value / 2**30
+    return seconds, peak, "".join(out), {k: round(v, 3) for k, v in by_role.items()}
 
 
 def table_facts(db: Path) -> tuple[int, int]:
@@ -180,7 +203,7 @@ def main() -> None:
                     n = runner[3:] or "2"
                     cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
                     cores = int(n)
-                seconds, peak, out = run_tree(cmd, env, cores)
+                seconds, peak, out, by_process = run_tree(cmd, env, cores)
                 report = json.loads(out.strip().splitlines()[-1])
                 chunks = report["chunks"]["written"]
                 versions, fragments = table_facts(db)
@@ -194,6 +217,7 @@ def main() -> None:
                     "stage_seconds": stages,
                     "pipeline_chunks_per_s": round(chunks / stages["pipeline"], 1),
                     "peak_rss_gib": round(peak / 2**30, 3),
+                    "peak_rss_by_process": by_process,
                     "versions_added": versions,
                     "fragments_written": fragments,
                     "fragments_compacted": compacted,

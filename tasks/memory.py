@@ -32,3 +32,20 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):  # musl, or no mallopt
         return False
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the OS (glibc `malloc_trim(0)`).
+
+    The index refresh that ends a run makes LanceDB calls one after another, each with a large
+    working set (the IVF-PQ build, the compaction) that it frees when done. glibc keeps those
+    freed pages, so each call's peak stacked on what the one before it left: trimming between
+    them makes the refresh's peak that of its largest step instead (benchmarks/index_memory.py).
+    A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # musl, or no malloc_trim
+        return False

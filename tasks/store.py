@@ -27,6 +27,7 @@ from tasks.crashpoints import crash_point
 from tasks.errors import ModelMismatchError, TableError
 from tasks.generations import GENERATIONS, Generation, list_generations
 from tasks.generations import live as live_generation
+from tasks.memory import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -654,12 +655,15 @@ class Store:
             if f"{column}_idx" not in names and rows:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
                 created.append(f"{column}_idx")
+        release_free_heap()  # each step's peak, not the sum of them (tasks.memory)
         if "vector_idx" not in names and rows >= vector_index_min_rows:
             tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
             created.append("vector_idx")
+            release_free_heap()
         if changed:
             # compaction, folding new rows into the indexes, pruning old versions
             optimize(tbl, cleanup_older_than)
+            release_free_heap()
             self.upkeep(cleanup_older_than)
         return {"indexes": sorted(self.index_names()), "created": created, "rows": rows}
 

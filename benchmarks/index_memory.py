@@ -29,16 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from write_memory import _anon_mib  # the heap: anonymous RSS
+
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 50_000
-
-
-def _anon_mib() -> float:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Anonymous:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build(db: str, rows: int, dim: int) -> dict[str, Any]:

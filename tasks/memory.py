@@ -38,10 +38,10 @@ def release_free_heap() -> bool:
     """Hand the heap's free pages back to the OS (glibc `malloc_trim(0)`).
 
     The index refresh that ends a run makes LanceDB calls one after another, each with a large
-    working set (the IVF-PQ build, the compaction) that it frees when done. glibc keeps those
-    freed pages, so each call's peak stacked on what the one before it left: trimming between
-    them makes the refresh's peak that of its largest step instead (benchmarks/index_memory.py).
-    A no-op off glibc."""
+    working set (the IVF-PQ build, the compaction) that it frees when done. glibc kept those
+    freed pages, so a later call's peak stacked on them and the process kept them after the
+    refresh (1.46 M rows: 563 MiB left; trimmed between the calls, 19-49 MiB, and a lower
+    peak: benchmarks/index_memory.py). A no-op off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -655,7 +655,7 @@ class Store:
             if f"{column}_idx" not in names and rows:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
                 created.append(f"{column}_idx")
-        release_free_heap()  # each step's peak, not the sum of them (tasks.memory)
+        release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
         if "vector_idx" not in names and rows >= vector_index_min_rows:
             tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
             created.append("vector_idx")

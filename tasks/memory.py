@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -22,14 +23,19 @@ _M_ARENA_MAX = -8
 _done = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, found once (find_library runs ldconfig)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     global _done
     if _done or not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
         return False
     _done = True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+        return bool(_libc().mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):  # musl, or no mallopt
         return False
 
@@ -45,7 +51,6 @@ def release_free_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):  # musl, or no malloc_trim
         return False

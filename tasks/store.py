@@ -27,7 +27,7 @@ from tasks.crashpoints import crash_point
 from tasks.errors import ModelMismatchError, TableError
 from tasks.generations import GENERATIONS, Generation, list_generations
 from tasks.generations import live as live_generation
-from tasks.memory import release_free_heap
+from tasks.memory import bound_lance_io_buffer, release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ def _session() -> Any:
 
         import lancedb
 
+        bound_lance_io_buffer()  # before the first scan reads it (tasks.memory)
         size = int(float(os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "64")) * 2**20)
         _SESSION = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
     return _SESSION

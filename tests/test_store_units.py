@@ -228,3 +228,28 @@ def test_key_indexes_keep_up_with_a_long_run(
     assert len(keys) == rows["documents"]
     assert len(store.chunk_ids_of(keys)) == rows["chunks"]
     assert len(store.document_rows(keys)) == rows["documents"]
+
+
+@pytest.mark.parametrize("preset", [None, "268435456"])
+def test_lance_read_ahead_is_bounded_before_the_first_scan_unless_set(tmp_path, preset):
+    """A fresh process that opens a Store has Lance's read-ahead buffer at 64 MiB (its own
+    default, 2 GiB, lets a full-table scan buffer up to that much); a user's setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.memory import LANCE_IO_BUFFER_BYTES, LANCE_IO_BUFFER_VAR
+
+    env = {k: v for k, v in os.environ.items() if k != LANCE_IO_BUFFER_VAR}
+    if preset:
+        env[LANCE_IO_BUFFER_VAR] = preset
+    code = (
+        "import os, sys\n"
+        "from tasks.store import Store\n"
+        f"Store({str(tmp_path)!r})\n"
+        f"print(os.environ.get({LANCE_IO_BUFFER_VAR!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == (preset or str(LANCE_IO_BUFFER_BYTES))

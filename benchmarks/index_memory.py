@@ -1,15 +1,16 @@
 """Memory of the index refresh that ends a run, against the table's size, without the model.
 
-A first run writes its chunks, then `Store.refresh_indexes` builds the full-text indexes, the
-B-tree key indexes and the IVF-PQ vector index, and compacts. This benchmark fills a chunks
-table with generated rows (48 words of ray_scale.py's vocabulary, random unit vectors), then,
+A first run writes its chunks, then `Store.refresh_indexes` compacts, builds the full-text
+indexes, the B-tree key indexes and the IVF-PQ vector index, and prunes. This benchmark fills a
+chunks table with generated rows (48 words of ray_scale.py's vocabulary, random unit vectors),
+one fragment per 3,734 rows as a run's batches write them, then,
 in a fresh process, runs that same `refresh_indexes` and samples the process's anonymous RSS
 (/proc/self/smaps_rollup, the heap) every 50 ms:
 
     python benchmarks/index_memory.py [--rows 146000,1460000] [--dim 256]
 
 Per size: the seconds and peak heap growth over the process's heap before the refresh (MiB),
-for the whole refresh and for each LanceDB call it makes (create_fts_index,
+for the whole refresh and for each LanceDB call it makes (compact_fragments, create_fts_index,
 create_scalar_index, create_index, optimize), and the heap left after it. The two default
 sizes are the chunk counts of ray_scale.py's 10k and 100k documents. Prints one JSON object,
 with peak_ratio: the largest size's peak growth over the smallest's.
@@ -32,7 +33,9 @@ from typing import Any
 from write_memory import _anon_mib  # the heap: anonymous RSS
 
 REPO = Path(__file__).resolve().parent.parent
-BATCH = 50_000
+#: rows per append: one fragment per batch, as a first run writes them (ray_scale.py's batches
+#: of 256 documents make 3,734 chunks on average), so the compaction has as many to merge
+BATCH = 3_734
 
 
 def build(db: str, rows: int, dim: int) -> dict[str, Any]:
@@ -86,16 +89,20 @@ def refresh(db: str) -> dict[str, Any]:
     from tasks.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # as the CLI does
+    import tasks.store
     from tasks.store import Store
 
     store = Store(db)
     tbl = store.table(store.chunks_name)  # the object refresh_indexes will use
     peak = [0.0]
+    lock = threading.Lock()  # a step's reset of the peak and the sampler's update, not both
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _anon_mib())
+            heap = _anon_mib()
+            with lock:
+                peak[0] = max(peak[0], heap)
             time.sleep(0.05)
 
     start = _anon_mib()
@@ -106,25 +113,29 @@ def refresh(db: str) -> dict[str, Any]:
             label = name
             if name in ("create_fts_index", "create_scalar_index"):
                 label = f"{name}({args[0] if args else kwargs.get('field_names', '')})"
-            before_peak = peak[0]
-            peak[0] = _anon_mib()
+            with lock:
+                before_peak = peak[0]
+                peak[0] = _anon_mib()
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 time.sleep(0.1)
-                steps[label] = {
-                    "seconds": round(time.perf_counter() - t, 1),
-                    "peak_over_start_mib": round(peak[0] - start),
-                }
-                peak[0] = max(peak[0], before_peak)
+                with lock:
+                    steps[label] = {
+                        "seconds": round(time.perf_counter() - t, 1),
+                        "peak_over_start_mib": round(peak[0] - start),
+                    }
+                    peak[0] = max(peak[0], before_peak)
 
         return call
 
     for name in ("create_fts_index", "create_scalar_index", "create_index", "optimize"):
         setattr(tbl, name, timed(name, getattr(tbl, name)))
+    tasks.store.compact_fragments = timed("compact_fragments", tasks.store.compact_fragments)
     threading.Thread(target=sample, daemon=True).start()
-    peak[0] = start
+    with lock:
+        peak[0] = start
     t = time.perf_counter()
     store.refresh_indexes(vector_index_min_rows=1, cleanup_older_than=None, changed=True)
     seconds = time.perf_counter() - t

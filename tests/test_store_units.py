@@ -253,3 +253,58 @@ def test_lance_read_ahead_is_bounded_before_the_first_scan_unless_set(tmp_path, 
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split()[-1] == (preset or str(LANCE_IO_BUFFER_BYTES))
+
+
+@pytest.mark.parametrize("batches", [6, 24])
+def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on(
+    tmp_path, fake_embedder, chunker, monkeypatch, batches
+):
+    """A first run writes one fragment per batch; the refresh that ends it merges them (with
+    Lance's binary copy, through pylance) before it builds the indexes. The rows are the same
+    bit for bit, the fragments left do not depend on the number of batches, every index covers
+    every row, and lancedb (its own Lance build) searches, looks up and appends after it."""
+    import numpy as np
+
+    import tasks.store as store_module
+
+    from .conftest import table_snapshot
+
+    monkeypatch.setattr(store_module, "KEY_INDEX_STALE_ROWS", 20)  # key indexes mid-run too
+    compactions = []
+    real = store_module.compact_fragments
+    monkeypatch.setattr(
+        store_module, "compact_fragments", lambda tbl: compactions.append(real(tbl))
+    )
+    db = str(tmp_path / "db")
+    store = Store(db)
+    store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
+    for n in range(batches):
+        docs = [
+            _outcome(f"d{n}-{i}.md", f"Document {n}.{i} about topic {n * 7 + i}. " * 12, chunker)
+            for i in range(3)
+        ]
+        write_batch(store, docs, embed_outcomes(docs, fake_embedder, store, "local", SRC).rows, SRC)
+    tbl = store.chunks_table()
+    assert len(tbl.to_lance().get_fragments()) == batches
+    before = table_snapshot(db)
+    done = store.refresh_indexes(vector_index_min_rows=1, cleanup_older_than=None, changed=True)
+    assert "vector_idx" in done["indexes"] and "chunk_id_idx" in done["indexes"]
+    [merged] = compactions
+    # the pages copied whole, and the last batches' rows in a second file (Lance's choice)
+    assert merged.fragments_removed == batches and merged.fragments_added <= 2
+    store = Store(db)  # a fresh lancedb handle on what pylance committed
+    tbl = store.chunks_table()
+    assert len(tbl.to_lance().get_fragments()) == merged.fragments_added
+    assert table_snapshot(db) == before
+    for ix in tbl.list_indices():  # the key indexes built mid-run were remapped, not lost
+        if ix.name != "vector_idx":  # Lance trains no IVF partitions on a few hundred rows
+            assert tbl.index_stats(ix.name).num_unindexed_rows == 0, ix.name
+    some = next(iter(before["chunks"]))
+    assert len(tbl.search().where(f"chunk_id = '{some}'").limit(None).to_list()) == 1
+    vec = np.frombuffer(before["chunks"][some][3], dtype=np.float32)
+    hits = tbl.search(vec, vector_column_name="vector").limit(1).to_list()
+    assert hits[0]["chunk_id"] == some
+    docs = [_outcome("late.md", "A late document about compaction. " * 12, chunker)]
+    write_batch(store, docs, embed_outcomes(docs, fake_embedder, store, "local", SRC).rows, SRC)
+    store.refresh_indexes(vector_index_min_rows=1, cleanup_older_than=None, changed=True)
+    assert Store(db).chunks_table().count_rows() == len(before["chunks"]) + len(docs[0].chunks)

@@ -19,6 +19,9 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
   pipeline_chunks_per_s  chunks / the pipeline stage: the rate a long run converges to
   peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
                        server, Ray's raylet/GCS/workers), sampled every 0.1 s
+  peak_at_s            when the tree's peak was sampled, seconds from the command's start: after
+                       start-up plus the pipeline stage, it was in the index refresh that ends
+                       the run
   peak_rss_by_process  each process's own peak RSS (GiB), by role: 'cli' (the command itself),
                        else the first words of its command line (Prefect's server, Ray's
                        processes); a role with several processes sums their peaks
@@ -81,9 +84,9 @@ def _role(p: Any, root_pid: int) -> str:
 
 def run_tree(
     cmd: list[str], env: dict[str, str], cores: int | None = None
-) -> tuple[float, int, str, dict[str, float]]:
-    """Wall seconds, peak RSS of the process tree (bytes), stdout, and each role's peak RSS
-    (GiB); pinned to the first `cores` cores when given."""
+) -> tuple[float, int, float, str, dict[str, float]]:
+    """Wall seconds, peak RSS of the process tree (bytes), when it peaked (seconds), stdout,
+    and each role's peak RSS (GiB); pinned to the first `cores` cores when given."""
     import psutil
 
     pin = None
@@ -113,6 +116,7 @@ def run_tree(
         r.start()
     root = psutil.Process(proc.pid)
     peak = 0
+    peak_at = 0.0
     seen: dict[int, psutil.Process] = {}
     own_peak: dict[int, int] = {}
     roles: dict[int, str] = {}
@@ -132,7 +136,8 @@ def run_tree(
                     roles[p.pid] = _role(p, proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        peak = max(peak, total)
+        if total > peak:
+            peak, peak_at = total, time.perf_counter() - t
         time.sleep(0.1)
     for r in readers:
         r.join()
@@ -144,7 +149,8 @@ def run_tree(
     for pid, value in own_peak.items():
         role = roles.get(pid, "?")
         by_role[role] = by_role.get(role, 0.0) + value / 2**30
-    return seconds, peak, "".join(out), {k: round(v, 3) for k, v in by_role.items()}
+    by_role = {k: round(v, 3) for k, v in by_role.items()}
+    return seconds, peak, peak_at, "".join(out), by_role
 
 
 def table_facts(db: Path) -> tuple[int, int]:
@@ -203,7 +209,7 @@ def main() -> None:
                     n = runner[3:] or "2"
                     cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
                     cores = int(n)
-                seconds, peak, out, by_process = run_tree(cmd, env, cores)
+                seconds, peak, peak_at, out, by_process = run_tree(cmd, env, cores)
                 report = json.loads(out.strip().splitlines()[-1])
                 chunks = report["chunks"]["written"]
                 versions, fragments = table_facts(db)
@@ -217,6 +223,7 @@ def main() -> None:
                     "stage_seconds": stages,
                     "pipeline_chunks_per_s": round(chunks / stages["pipeline"], 1),
                     "peak_rss_gib": round(peak / 2**30, 3),
+                    "peak_at_s": round(peak_at, 1),
                     "peak_rss_by_process": by_process,
                     "versions_added": versions,
                     "fragments_written": fragments,

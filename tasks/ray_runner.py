@@ -289,11 +289,17 @@ _SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 
 
 def worker_env() -> dict[str, str]:
-    """The driver's lanceflow, Prefect and Hugging Face settings, for the workers (a remote
-    cluster's workers do not share this environment). Secrets are never put in a runtime
-    environment (Ray shows those): keys travel inside the job, or come from the cluster's own
-    environment."""
-    prefixes = ("LANCEFLOW_", "PREFECT_API_URL", "HF_", "TRANSFORMERS_OFFLINE")
+    """The driver's lanceflow, Prefect, Hugging Face and Lance read-ahead settings, for the
+    workers (a remote cluster's workers do not share this environment). Secrets are never put
+    in a runtime environment (Ray shows those): keys travel inside the job, or come from the
+    cluster's own environment."""
+    prefixes = (
+        "LANCEFLOW_",
+        "PREFECT_API_URL",
+        "HF_",
+        "TRANSFORMERS_OFFLINE",
+        "LANCE_DEFAULT_IO_BUFFER_SIZE",  # a user's read-ahead setting (tasks.memory)
+    )
     return {
         k: v
         for k, v in os.environ.items()

@@ -199,17 +199,22 @@ KEY_INDEX_STALE_SHARE = 0.05
 _SESSION: Any = None
 
 
+def _cache_bytes() -> int:
+    """Each of Lance's index and metadata caches (LANCEFLOW_LANCE_CACHE_MB, default 64)."""
+    import os
+
+    return int(float(os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "64")) * 2**20)
+
+
 def _session() -> Any:
     """One LanceDB session per process with bounded index and metadata caches
     (LANCEFLOW_LANCE_CACHE_MB each, default 64)."""
     global _SESSION
     if _SESSION is None:
-        import os
-
         import lancedb
 
         bound_lance_io_buffer()  # before the first scan reads it (tasks.memory)
-        size = int(float(os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "64")) * 2**20)
+        size = _cache_bytes()
         _SESSION = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
     return _SESSION
 
@@ -623,14 +628,13 @@ class Store:
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
-        names = self.index_names()
-        created: list[str] = []
-        rows = tbl.count_rows()
         if changed:
             # before the indexes are built: they then cover few large fragments, and there is
             # less to remap (a first run's every batch is a fragment)
-            compact_fragments(tbl)
-            release_free_heap()
+            self._compact(tbl)
+        names = self.index_names()  # after the compaction, which remaps them
+        created: list[str] = []
+        rows = tbl.count_rows()
         if "text_idx" not in names:
             tbl.create_fts_index(
                 "text",
@@ -672,6 +676,18 @@ class Store:
             release_free_heap()
             self.upkeep(cleanup_older_than)
         return {"indexes": sorted(self.index_names()), "created": created, "rows": rows}
+
+    def _compact(self, tbl: Any) -> None:
+        """`compact_fragments`; should it fail, the indexes are built all the same and
+        `optimize` compacts the lancedb way, with a warning (credentials redacted)."""
+        try:
+            compact_fragments(tbl)
+        except Exception as exc:
+            from tasks.storage import redact_text
+
+            why = redact_text(f"{type(exc).__name__}: {exc}", self.db.storage_options)
+            log.warning("compacting %s by page copy failed, optimize compacts: %s", tbl.name, why)
+        release_free_heap()
 
     def upkeep(self, cleanup_older_than: timedelta | None) -> list[str]:
         """Compaction and old-version cleanup for the manifest and the bookkeeping tables."""
@@ -733,15 +749,18 @@ def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
 _NO_CLEANUP = timedelta(days=36_500)
 
 
-def compact_fragments(tbl: Any) -> Any:
+def compact_fragments(tbl: Any, mode: str = "try_binary_copy") -> Any:
     """Merge a table's small fragments by copying their encoded pages into larger files
     (Lance's binary copy; it falls back to decoding and re-encoding where the files differ in
     format). lancedb's own compaction (in `optimize`) decodes every row and re-encodes it,
     which at the end of a large first run, with one small fragment per batch, was the run's
     largest working set and grew with the table (1.46 M rows in 392 fragments: 439 MiB of
-    heap; by page copy 16 MiB, in half the time: benchmarks/index_memory.py). Indexes that
-    exist are remapped to the new row addresses, as by `optimize`."""
-    metrics = tbl.to_lance().optimize.compact_files(compaction_mode="try_binary_copy")
+    heap; by page copy 16-26 MiB, in half the time: benchmarks/index_memory.py). Indexes that
+    exist are remapped to the new row addresses, as by `optimize`. Fragments with deleted
+    rows (a later run's replaced documents) are re-encoded either way."""
+    size = _cache_bytes()  # pylance opens its own handle: the same bounds as lancedb's
+    ds = tbl.to_lance(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
+    metrics = ds.optimize.compact_files(compaction_mode=mode)
     tbl.checkout_latest()  # the compaction committed a version lancedb's handle has not seen
     return metrics
 

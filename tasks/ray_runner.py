@@ -44,6 +44,7 @@ from pydantic import SecretStr
 
 from tasks.errors import ConfigurationError, LanceflowError
 from tasks.generations import Generation
+from tasks.memory import LANCE_IO_BUFFER_VAR
 from tasks.settings import RAY_ACTOR_CPUS, RAY_TASK_CPUS, IngestParams
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def worker_env() -> dict[str, str]:
         "PREFECT_API_URL",
         "HF_",
         "TRANSFORMERS_OFFLINE",
-        "LANCE_DEFAULT_IO_BUFFER_SIZE",  # a user's read-ahead setting (tasks.memory)
+        LANCE_IO_BUFFER_VAR,  # a user's read-ahead setting (tasks.memory)
     )
     return {
         k: v

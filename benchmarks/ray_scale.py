@@ -83,10 +83,15 @@ def _role(p: Any, root_pid: int) -> str:
 
 
 def run_tree(
-    cmd: list[str], env: dict[str, str], cores: int | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    cores: int | None = None,
+    trace: Path | None = None,
 ) -> tuple[float, int, float, str, dict[str, float]]:
     """Wall seconds, peak RSS of the process tree (bytes), when it peaked (seconds), stdout,
-    and each role's peak RSS (GiB); pinned to the first `cores` cores when given."""
+    and each role's peak RSS (GiB); pinned to the first `cores` cores when given. With
+    `trace`, one JSON line per second there: seconds, the tree's RSS and the command's own
+    RSS and file-backed share (MiB), so a peak can be placed in the run."""
     import psutil
 
     pin = None
@@ -120,6 +125,8 @@ def run_tree(
     seen: dict[int, psutil.Process] = {}
     own_peak: dict[int, int] = {}
     roles: dict[int, str] = {}
+    trace_out = trace.open("w") if trace is not None else None
+    next_trace = 0.0
     while proc.poll() is None:
         total = 0
         try:
@@ -136,9 +143,22 @@ def run_tree(
                     roles[p.pid] = _role(p, proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+        now = time.perf_counter() - t
         if total > peak:
-            peak, peak_at = total, time.perf_counter() - t
+            peak, peak_at = total, now
+        if trace_out is not None and now >= next_trace:
+            next_trace = now + 1.0
+            try:
+                mine = root.memory_info()
+                cli = {"cli_mib": mine.rss // 2**20, "cli_file_mib": mine.shared // 2**20}
+            except psutil.NoSuchProcess:
+                cli = {}
+            trace_out.write(json.dumps({"s": round(now, 1), "tree_mib": total // 2**20, **cli}))
+            trace_out.write("\n")
+            trace_out.flush()
         time.sleep(0.1)
+    if trace_out is not None:
+        trace_out.close()
     for r in readers:
         r.join()
     seconds = time.perf_counter() - t
@@ -175,7 +195,14 @@ def main() -> None:
     ap.add_argument("--runners", default="local,ray1,ray2")
     ap.add_argument("--chunk-tokens", type=int, default=48)
     ap.add_argument("--batch-docs", type=int, default=256)
+    ap.add_argument(
+        "--trace-dir",
+        type=Path,
+        help="write each ingest's RSS over time to DIR/SIZE-RUNNER.jsonl (one line a second)",
+    )
     args = ap.parse_args()
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     env.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="lanceflow-bench-prefect-"))
@@ -209,7 +236,8 @@ def main() -> None:
                     n = runner[3:] or "2"
                     cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
                     cores = int(n)
-                seconds, peak, peak_at, out, by_process = run_tree(cmd, env, cores)
+                trace = args.trace_dir / f"{size}-{runner}.jsonl" if args.trace_dir else None
+                seconds, peak, peak_at, out, by_process = run_tree(cmd, env, cores, trace)
                 report = json.loads(out.strip().splitlines()[-1])
                 chunks = report["chunks"]["written"]
                 versions, fragments = table_facts(db)

@@ -103,12 +103,17 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
         objs = _WORKER.get(job.job_id)
         if objs is None:
             from tasks.embedding import build_embedder, make_chunker
+            from tasks.memory import WRITE_CACHE_MB
             from tasks.sources import Source
             from tasks.store import Store
 
             embedder = build_embedder(job.params.embedder, api_key=job.api_key)
             # options and credentials were resolved on the driver: a worker needs no Prefect API
-            store = Store(job.params.store.uri, storage_options=job.storage_options)
+            store = Store(
+                job.params.store.uri,
+                storage_options=job.storage_options,
+                cache_mb=WRITE_CACHE_MB,
+            )
             store = store.at(job.generation)
             objs = {
                 "source": Source(job.params.source),

@@ -18,6 +18,7 @@ from tasks.embedders.base import Embedder
 from tasks.errors import IndexDriftError, TooManyFailuresError
 from tasks.fingerprint import Fingerprint, differences
 from tasks.generations import Generation
+from tasks.memory import WRITE_CACHE_MB
 from tasks.plan import Plan, plan_changes
 from tasks.report import IngestReport
 from tasks.settings import IngestParams
@@ -196,7 +197,8 @@ def open_run(params: IngestParams, dry_run: bool = False) -> IngestRun:
         from tasks.embedding import resolve_api_key
 
         resolve_api_key(params.embedder)  # a missing key fails here, before any work
-    store = open_store(params.store)
+    # a run's own, smaller Lance caches (tasks.memory.WRITE_CACHE_MB)
+    store = open_store(params.store, cache_mb=WRITE_CACHE_MB)
     fp = fingerprints.compute(params.embedder, params.chunking)
     gens = store.generations()
     target, live = choose_generation(store, gens, fp, params.reindex)

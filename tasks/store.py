@@ -27,7 +27,7 @@ from tasks.crashpoints import crash_point
 from tasks.errors import ModelMismatchError, TableError
 from tasks.generations import GENERATIONS, Generation, list_generations
 from tasks.generations import live as live_generation
-from tasks.memory import bound_lance_io_buffer, release_free_heap
+from tasks.memory import READ_CACHE_MB, bound_lance_io_buffer, release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -196,27 +196,31 @@ KEY_INDEX_STALE_ROWS = 50_000
 KEY_INDEX_STALE_SHARE = 0.05
 
 
-_SESSION: Any = None
+#: one LanceDB session per cache size: a process that writes (an ingest) and reads (search,
+#: evaluation) holds at most one of each
+_SESSIONS: dict[int, Any] = {}
 
 
-def _cache_bytes() -> int:
-    """Each of Lance's index and metadata caches (LANCEFLOW_LANCE_CACHE_MB, default 64)."""
+def cache_bytes(default_mb: float = READ_CACHE_MB) -> int:
+    """Each of Lance's index and metadata caches: LANCEFLOW_LANCE_CACHE_MB when set (for
+    every session of the process), else `default_mb` (tasks.memory: READ_CACHE_MB for search
+    and evaluation, WRITE_CACHE_MB for an ingest run)."""
     import os
 
-    return int(float(os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "64")) * 2**20)
+    mb = os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "").strip() or default_mb
+    return int(float(mb) * 2**20)
 
 
-def _session() -> Any:
-    """One LanceDB session per process with bounded index and metadata caches
-    (LANCEFLOW_LANCE_CACHE_MB each, default 64)."""
-    global _SESSION
-    if _SESSION is None:
+def _session(size: int) -> Any:
+    """The process's LanceDB session whose index and metadata caches hold `size` bytes each."""
+    session = _SESSIONS.get(size)
+    if session is None:
         import lancedb
 
         bound_lance_io_buffer()  # before the first scan reads it (tasks.memory)
-        size = _cache_bytes()
-        _SESSION = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
-    return _SESSION
+        session = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
+        _SESSIONS[size] = session
+    return session
 
 
 class Store:
@@ -224,6 +228,8 @@ class Store:
 
     `Store(uri)` reads the live generation (what search and evaluation use); `store.at(gen)`
     gives a view of another generation over the same connection (a `--reindex` builds one).
+    `cache_mb` bounds each of Lance's index and metadata caches of the connection (an ingest
+    run opens it with tasks.memory.WRITE_CACHE_MB; LANCEFLOW_LANCE_CACHE_MB overrides both).
     """
 
     def __init__(
@@ -231,10 +237,13 @@ class Store:
         uri: str,
         *,
         storage_options: dict[str, str] | None = None,
+        cache_mb: float = READ_CACHE_MB,
         _db: Any = None,
         _generation: Generation | None = None,
     ) -> None:
         self.uri = uri
+        #: bytes in each of Lance's caches for this connection (`cache_bytes`)
+        self.cache_size = cache_bytes(cache_mb)
         if _db is None:
             import lancedb
 
@@ -246,7 +255,7 @@ class Store:
                 _db = lancedb.connect(
                     uri,
                     read_consistency_interval=timedelta(0),
-                    session=_session(),
+                    session=_session(self.cache_size),
                     storage_options=storage_options or None,
                 )
             except Exception as exc:
@@ -263,7 +272,9 @@ class Store:
 
     def at(self, generation: Generation) -> Store:
         """A view of `generation` sharing this connection."""
-        return Store(self.uri, _db=self.db, _generation=generation)
+        view = Store(self.uri, _db=self.db, _generation=generation)
+        view.cache_size = self.cache_size
+        return view
 
     # ---- generations ---------------------------------------------------------------------
 
@@ -681,7 +692,7 @@ class Store:
         """`compact_fragments`; should it fail, the indexes are built all the same and
         `optimize` compacts the lancedb way, with a warning (credentials redacted)."""
         try:
-            compact_fragments(tbl)
+            compact_fragments(tbl, cache_size=self.cache_size)
         except Exception as exc:
             from tasks.storage import redact_text
 
@@ -749,7 +760,9 @@ def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
 _NO_CLEANUP = timedelta(days=36_500)
 
 
-def compact_fragments(tbl: Any, mode: str = "try_binary_copy") -> Any:
+def compact_fragments(
+    tbl: Any, mode: str = "try_binary_copy", cache_size: int | None = None
+) -> Any:
     """Merge a table's small fragments by copying their encoded pages into larger files
     (Lance's binary copy; it falls back to decoding and re-encoding where the files differ in
     format). lancedb's own compaction (in `optimize`) decodes every row and re-encodes it,
@@ -758,7 +771,8 @@ def compact_fragments(tbl: Any, mode: str = "try_binary_copy") -> Any:
     heap; by page copy 16-26 MiB, in half the time: benchmarks/index_memory.py). Indexes that
     exist are remapped to the new row addresses, as by `optimize`. Fragments with deleted
     rows (a later run's replaced documents) are re-encoded either way."""
-    size = _cache_bytes()  # pylance opens its own handle: the same bounds as lancedb's
+    # pylance opens its own handle: the same cache bounds as the lancedb connection's
+    size = cache_size if cache_size is not None else cache_bytes()
     ds = tbl.to_lance(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
     metrics = ds.optimize.compact_files(compaction_mode=mode)
     tbl.checkout_latest()  # the compaction committed a version lancedb's handle has not seen
@@ -796,9 +810,9 @@ def report_json(report: Any) -> str:
     return json.dumps(report, default=str, ensure_ascii=False)
 
 
-def open_store(settings: Any) -> Store:
+def open_store(settings: Any, cache_mb: float = READ_CACHE_MB) -> Store:
     """The Store for a StoreSettings: its location, storage options and credentials block."""
-    return store_at(settings.uri, settings.access)
+    return store_at(settings.uri, settings.access, cache_mb)
 
 
 def table_options(uri: str, access: Any = None) -> dict[str, str]:
@@ -811,6 +825,6 @@ def table_options(uri: str, access: Any = None) -> dict[str, str]:
     return lance_options(uri, access.storage_options, access.credentials_block)
 
 
-def store_at(uri: str, access: Any = None) -> Store:
+def store_at(uri: str, access: Any = None, cache_mb: float = READ_CACHE_MB) -> Store:
     """The Store at `uri` with a TableAccess (None: the environment only)."""
-    return Store(uri, storage_options=table_options(uri, access))
+    return Store(uri, storage_options=table_options(uri, access), cache_mb=cache_mb)

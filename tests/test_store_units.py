@@ -259,6 +259,60 @@ def test_lance_read_ahead_is_bounded_before_the_first_scan_unless_set(tmp_path, 
     assert out.stdout.split()[-1] == (preset or str(LANCE_IO_BUFFER_BYTES))
 
 
+@pytest.mark.parametrize("preset", [None, "32"])
+def test_an_ingest_runs_with_smaller_lance_caches_than_search_unless_set(tmp_path, preset):
+    """A fresh process: the connection an ingest run opens (open_run) has Lance caches of
+    WRITE_CACHE_MB each, one that searches READ_CACHE_MB, each its own LanceDB session, and a
+    generation view keeps its connection's; LANCEFLOW_LANCE_CACHE_MB sets both."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tasks.memory import READ_CACHE_MB, WRITE_CACHE_MB
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nOne document.\n")
+    env = {k: v for k, v in os.environ.items() if k != "LANCEFLOW_LANCE_CACHE_MB"}
+    if preset:
+        env["LANCEFLOW_LANCE_CACHE_MB"] = preset
+    code = (  # the cache sizes each lancedb.Session is created with, in order
+        "import json, lancedb\n"
+        "sizes = []\n"
+        "Real = lancedb.Session\n"
+        "def Session(**k):\n"
+        "    sizes.append([k['index_cache_size_bytes'], k['metadata_cache_size_bytes']])\n"
+        "    return Real(**k)\n"
+        "lancedb.Session = Session\n"
+        "from tasks.runs import open_run\n"
+        "from tasks.settings import EmbedderSettings, IngestParams\n"
+        "from tasks.store import Store\n"
+        f"params = IngestParams.build({str(tmp_path / 'docs')!r}, {str(tmp_path / 'db')!r},"
+        " embedder=EmbedderSettings(kind='hash'))\n"
+        "run = open_run(params)\n"
+        "view = run.store.at(run.target)\n"
+        f"reader = Store({str(tmp_path / 'db')!r})\n"
+        "reader.names()\n"
+        "print(json.dumps({'sizes': sizes, 'run': run.store.cache_size,"
+        " 'view': view.cache_size, 'reader': reader.cache_size,"
+        " 'shared': run.store.db is view.db}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    write = int(float(preset or WRITE_CACHE_MB) * 2**20)
+    read = int(float(preset or READ_CACHE_MB) * 2**20)
+    assert got["run"] == got["view"] == write
+    assert got["reader"] == read
+    assert got["shared"]
+    if preset:  # one size: one session for both
+        assert got["sizes"] == [[write, write]]
+    else:
+        assert WRITE_CACHE_MB < READ_CACHE_MB
+        assert got["sizes"] == [[write, write], [read, read]]
+
+
 def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on(
     tmp_path, fake_embedder, chunker, monkeypatch
 ):
@@ -278,10 +332,11 @@ def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on
     for batches in (6, 24):
         seen: dict[str, object] = {}
 
-        def compact(tbl, seen=seen):
+        def compact(tbl, cache_size=None, seen=seen):
             keys = [f"{k}_idx" for k in store_module.CHUNK_KEYS]
             seen["before"] = {k: tbl.index_stats(k).num_indexed_rows for k in keys}
-            seen["metrics"] = real(tbl, mode="force_binary_copy")
+            seen["cache_size"] = cache_size
+            seen["metrics"] = real(tbl, mode="force_binary_copy", cache_size=cache_size)
             seen["after"] = {k: tbl.index_stats(k).num_indexed_rows for k in keys}
 
         monkeypatch.setattr(store_module, "compact_fragments", compact)
@@ -301,6 +356,7 @@ def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on
         done = store.refresh_indexes(1, cleanup_older_than=None, changed=True)
         assert "vector_idx" in done["indexes"] and "text_idx" in done["indexes"]
         metrics = seen["metrics"]
+        assert seen["cache_size"] == store.cache_size  # pylance's handle: the same bounds
         assert metrics.fragments_removed == batches  # type: ignore[attr-defined]
         assert seen["after"] == seen["before"] and min(seen["before"].values()) > 0
         store = Store(db)  # a fresh lancedb handle on what pylance committed
@@ -326,7 +382,7 @@ def test_a_failed_compaction_still_builds_the_indexes_and_says_so(
 ):
     import tasks.store as store_module
 
-    def broken(tbl):
+    def broken(tbl, cache_size=None):
         raise OSError("object store said no")
 
     monkeypatch.setattr(store_module, "compact_fragments", broken)

@@ -3,8 +3,11 @@ ingest run (tasks.memory.READ_CACHE_MB and WRITE_CACHE_MB).
 
 Builds a chunks table of generated rows with every index a run's refresh builds
 (index_memory.py's build and refresh steps), then, in a fresh process per cache size
-(LANCEFLOW_LANCE_CACHE_MB), runs 50 warm-up and 550 timed queries of each kind through a
-Store: vector (IVF-PQ, k=10) and full text (two words, k=10):
+(LANCEFLOW_LANCE_CACHE_MB, process set up as the CLI's: two malloc arenas), runs 50 warm-up
+and 550 timed queries of each kind as `lanceflow search` makes them (tasks.search: vector over
+IVF-PQ with nprobes 32 and refine 5, full text on `text`; k=10, the search's columns). The
+generated text draws on ray_scale.py's 45 words, so every word is in most rows: the full-text
+figure is for common terms, the expensive case.
 
     python benchmarks/search_cache.py [--rows 1460000] [--cache-mb 16,64]
 
@@ -36,6 +39,10 @@ def measure(db: str) -> dict[str, float]:
     sys.path.insert(0, str(HERE))
     from ray_scale import _WORDS
 
+    from tasks.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as flows/__init__.py does for every CLI command
+    from tasks.search import _fts_hits, _vector_hits
     from tasks.store import Store
 
     tbl = Store(db).chunks_table()
@@ -46,11 +53,10 @@ def measure(db: str) -> dict[str, float]:
     n = len(_WORDS)
 
     def vector(i: int) -> None:
-        tbl.search(q[i], vector_column_name="vector").limit(10).to_arrow()
+        _vector_hits(tbl, q[i].tolist(), 10, indexed=True)
 
     def text(i: int) -> None:
-        words = f"{_WORDS[i % n]} {_WORDS[(i * 7 + 3) % n]}"
-        tbl.search(words, query_type="fts", fts_columns="text").limit(10).to_arrow()
+        _fts_hits(tbl, f"{_WORDS[i % n]} {_WORDS[(i * 7 + 3) % n]}", "text", 10)
 
     out: dict[str, float] = {}
     for name, query in (("vector", vector), ("full_text", text)):

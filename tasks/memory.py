@@ -28,17 +28,17 @@ _M_ARENA_MAX = -8
 LANCE_IO_BUFFER_VAR = "LANCE_DEFAULT_IO_BUFFER_SIZE"
 LANCE_IO_BUFFER_BYTES = 64 * 2**20
 #: MiB in each of Lance's index and metadata caches of a connection that searches (search,
-#: the service, evaluation): a vector or full-text query over 1.46 M rows re-reads its
-#: index partitions when they do not fit (benchmarks/search_cache.py, 64 -> 16 MiB: vector
-#: 8.4 -> 17.6 ms, full text 13.1 -> 57.0 ms a query, RSS 426 -> 864 MiB from the churn)
+#: evaluation, `maintain`): a vector or full-text query over 1.46 M rows re-reads its index
+#: partitions when they do not fit (benchmarks/search_cache.py, 64 -> 16 MiB: vector
+#: 12.1 -> 29.8 ms, full text 13.2 -> 73.2 ms a query)
 READ_CACHE_MB = 64
-#: ... and of an ingest run's connection. A run's lookups (the embedding cache, the documents
-#: manifest) touch each B-tree page about once, and every commit adds a version whose
-#: manifest is cached, so the caches filled to their bound during a large first run and held
-#: it through the index refresh: the 100k-document run's peak RSS grew with the corpus
-#: (benchmarks/ray_scale.py, peak RSS at 100k documents over 10k: 1.140 at 64 MiB, 1.080 and
-#: 1.108 in two runs at 16 MiB; the pipeline about 5 % slower). LANCEFLOW_LANCE_CACHE_MB sets
-#: both.
+#: ... and of an ingest run's connection (the CLI's, a deployment's, a Ray worker's). A run's
+#: lookups (the embedding cache, the documents manifest) touch each B-tree page about once,
+#: and every commit adds a version whose manifest is cached, so the caches filled to their
+#: bound during a large first run and held it through the index refresh: the 100k-document
+#: run's peak RSS grew with the corpus (benchmarks/ray_scale.py, peak RSS at 100k documents
+#: over 10k: 1.140 at 64 MiB, 1.080 and 1.108 in two runs at 16 MiB; the pipeline 5 to 8 %
+#: slower). LANCEFLOW_LANCE_CACHE_MB sets both.
 WRITE_CACHE_MB = 16
 _done = False
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.crashpoints import crash_point
-from tasks.errors import ModelMismatchError, TableError
+from tasks.errors import ConfigurationError, ModelMismatchError, TableError
 from tasks.generations import GENERATIONS, Generation, list_generations
 from tasks.generations import live as live_generation
 from tasks.memory import READ_CACHE_MB, bound_lance_io_buffer, release_free_heap
@@ -205,10 +205,20 @@ def cache_bytes(default_mb: float = READ_CACHE_MB) -> int:
     """Each of Lance's index and metadata caches: LANCEFLOW_LANCE_CACHE_MB when set (for
     every session of the process), else `default_mb` (tasks.memory: READ_CACHE_MB for search
     and evaluation, WRITE_CACHE_MB for an ingest run)."""
+    import math
     import os
 
-    mb = os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "").strip() or default_mb
-    return int(float(mb) * 2**20)
+    raw = os.environ.get("LANCEFLOW_LANCE_CACHE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else float(default_mb)
+    except ValueError:
+        mb = math.nan
+    if not math.isfinite(mb) or mb < 0:
+        raise ConfigurationError(
+            f"LANCEFLOW_LANCE_CACHE_MB={raw!r}: expected a number of MiB (0 or more) for each "
+            "of Lance's caches; unset it for lanceflow's defaults"
+        )
+    return int(mb * 2**20)
 
 
 def _session(size: int) -> Any:

@@ -297,9 +297,8 @@ def test_an_ingest_runs_with_smaller_lance_caches_than_search_unless_set(tmp_pat
         " 'view': view.cache_size, 'reader': reader.cache_size,"
         " 'shared': run.store.db is view.db}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     write = int(float(preset or WRITE_CACHE_MB) * 2**20)
     read = int(float(preset or READ_CACHE_MB) * 2**20)
@@ -311,6 +310,18 @@ def test_an_ingest_runs_with_smaller_lance_caches_than_search_unless_set(tmp_pat
     else:
         assert WRITE_CACHE_MB < READ_CACHE_MB
         assert got["sizes"] == [[write, write], [read, read]]
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "nan", "inf"])
+def test_a_cache_size_that_cannot_work_names_the_variable(monkeypatch, raw):
+    from tasks.errors import ConfigurationError
+    from tasks.store import cache_bytes
+
+    monkeypatch.setenv("LANCEFLOW_LANCE_CACHE_MB", raw)
+    with pytest.raises(ConfigurationError, match="LANCEFLOW_LANCE_CACHE_MB"):
+        cache_bytes(16)
+    monkeypatch.setenv("LANCEFLOW_LANCE_CACHE_MB", " ")  # blank: the default
+    assert cache_bytes(16) == 16 * 2**20
 
 
 def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on(

@@ -37,8 +37,8 @@ READ_CACHE_MB = 64
 #: and every commit adds a version whose manifest is cached, so the caches filled to their
 #: bound during a large first run and held it through the index refresh: the 100k-document
 #: run's peak RSS grew with the corpus (benchmarks/ray_scale.py, peak RSS at 100k documents
-#: over 10k: 1.140 at 64 MiB, 1.080 and 1.108 in two runs at 16 MiB; the pipeline 5 to 8 %
-#: slower). LANCEFLOW_LANCE_CACHE_MB sets both.
+#: over 10k: 1.140 at 64 MiB, 1.080, 1.108 and 1.114 in three runs at 16 MiB; the pipeline 4
+#: to 8 % slower). LANCEFLOW_LANCE_CACHE_MB sets both.
 WRITE_CACHE_MB = 16
 _done = False
 

@@ -250,10 +250,12 @@ class Store:
         cache_mb: float = READ_CACHE_MB,
         _db: Any = None,
         _generation: Generation | None = None,
+        _cache_size: int | None = None,
     ) -> None:
         self.uri = uri
-        #: bytes in each of Lance's caches for this connection (`cache_bytes`)
-        self.cache_size = cache_bytes(cache_mb)
+        #: bytes in each of Lance's caches for this connection (`cache_bytes`); a view over
+        #: another Store's connection is given that connection's
+        self.cache_size = _cache_size if _cache_size is not None else cache_bytes(cache_mb)
         if _db is None:
             import lancedb
 
@@ -282,9 +284,7 @@ class Store:
 
     def at(self, generation: Generation) -> Store:
         """A view of `generation` sharing this connection."""
-        view = Store(self.uri, _db=self.db, _generation=generation)
-        view.cache_size = self.cache_size
-        return view
+        return Store(self.uri, _db=self.db, _generation=generation, _cache_size=self.cache_size)
 
     # ---- generations ---------------------------------------------------------------------
 

@@ -31,6 +31,10 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
   fragments_compacted  after `lanceflow maintain`'s compaction (Lance optimize)
 and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 per size (on
 chunks/s and pipeline chunks/s). Prints one JSON object.
+
+With --trace-dir DIR, each ingest's RSS over time also goes to DIR/SIZE-RUNNER.jsonl, one line
+a second: {"s", "tree_mib", "cli_mib", "cli_file_mib"} (the command's file-backed share), to
+place a peak in the pipeline or the refresh.
 """
 
 from __future__ import annotations

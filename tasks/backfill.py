@@ -128,15 +128,15 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     import lance
 
     from tasks.embedding import resolved_api_key
-    from tasks.store import table_options
+    from tasks.store import lance_of, open_lance, table_options
 
     params = run.params
     target, live = run.target, run.live
     options = table_options(params.store.uri, params.store.access) or None
-    live_ds = live_store.chunks_table().to_lance()
+    live_ds = lance_of(live_store.chunks_table(), run.store.cache_size)
     uri = _sibling(live_ds.uri, live.chunks_table, target.chunks_table)
     live_ds.deep_clone(uri, live_ds.version, storage_options=options)
-    ds = lance.dataset(uri, storage_options=options)
+    ds = open_lance(uri, options, cache_size=run.store.cache_size)
     ds.drop_columns(["vector"])
     dim = run.fingerprint.dimension or run.embedder.dimension
     schema = chunks_schema(dim, run.fingerprint.model, params.embedder.kind)
@@ -164,10 +164,10 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     else:
         ds.add_columns(transform, read_columns=["text", "text_hash"])
         embedded = column.embedded
-    ds = lance.dataset(uri, storage_options=options)
+    ds = open_lance(uri, options, cache_size=run.store.cache_size)
     ds.replace_schema_metadata({k.decode(): v.decode() for k, v in schema.metadata.items()})
     # the manifest, as it stands for every source of the live generation
-    docs = live_store.table(live.documents_table).to_lance()
+    docs = lance_of(live_store.table(live.documents_table), run.store.cache_size)
     run.store.db.create_table(target.documents_table, data=docs.to_batches(), schema=docs.schema)
     run.store._tables.clear()
     from tasks import generations

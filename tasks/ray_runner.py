@@ -439,9 +439,9 @@ def commit_fragments(
     import lance
     from lance.fragment import FragmentMetadata
 
-    from tasks.store import sql_in
+    from tasks.store import open_lance, sql_in
 
-    ds = lance.dataset(dataset_uri, storage_options=storage_options)
+    ds = open_lance(dataset_uri, storage_options)
     before = ds.version
     new = [FragmentMetadata.from_json(f) for f in fragments]
     updated: list[Any] = []
@@ -486,7 +486,7 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     from tasks.identity import doc_key
     from tasks.plan import iter_work
     from tasks.runs import stream_one
-    from tasks.store import TableModel, table_options
+    from tasks.store import TableModel, lance_of, table_options
     from tasks.writing import write_manifest
 
     params: IngestParams = run.params
@@ -499,7 +499,7 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
         store.check_dimension(run.fingerprint.model, run.fingerprint.dimension)
     tbl = store.chunks_table()
     options = table_options(params.store.uri, params.store.access)
-    lance_ds = tbl.to_lance()
+    lance_ds = lance_of(tbl, store.cache_size)
     dataset_uri, file_version = lance_ds.uri, lance_ds.data_storage_version
     had_rows = tbl.count_rows() > 0
     api_key = resolved_api_key(params.embedder)
@@ -603,12 +603,10 @@ def _replaced_count(
     the default runner counts them), a thousand documents at a time: flat memory."""
     if not keys:
         return 0
-    import lance
+    from tasks.store import open_lance, sql_in
 
-    from tasks.store import sql_in
-
-    old = lance.dataset(dataset_uri, version=before, storage_options=options or None)
-    new = lance.dataset(dataset_uri, storage_options=options or None)
+    old = open_lance(dataset_uri, options, version=before)
+    new = open_lance(dataset_uri, options)
     gone = 0
     for i in range(0, len(keys), 1000):
         where = sql_in("doc_key", keys[i : i + 1000])

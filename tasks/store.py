@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from tasks.crashpoints import crash_point
 from tasks.errors import ConfigurationError, ModelMismatchError, TableError
 from tasks.generations import GENERATIONS, Generation, list_generations
 from tasks.generations import live as live_generation
-from tasks.memory import READ_CACHE_MB, bound_lance_io_buffer, release_free_heap
+from tasks.memory import READ_CACHE_MB, WRITE_CACHE_MB, bound_lance_io_buffer, release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ KEY_INDEX_STALE_SHARE = 0.05
 #: one LanceDB session per cache size: a process that writes (an ingest) and reads (search,
 #: evaluation) holds at most one of each
 _SESSIONS: dict[int, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
 def cache_bytes(default_mb: float = READ_CACHE_MB) -> int:
@@ -223,14 +225,41 @@ def cache_bytes(default_mb: float = READ_CACHE_MB) -> int:
 
 def _session(size: int) -> Any:
     """The process's LanceDB session whose index and metadata caches hold `size` bytes each."""
-    session = _SESSIONS.get(size)
-    if session is None:
-        import lancedb
+    with _SESSIONS_LOCK:  # two threads opening their first store at once share one
+        session = _SESSIONS.get(size)
+        if session is None:
+            import lancedb
 
-        bound_lance_io_buffer()  # before the first scan reads it (tasks.memory)
-        session = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
-        _SESSIONS[size] = session
-    return session
+            bound_lance_io_buffer()  # before the first scan reads it (tasks.memory)
+            session = lancedb.Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
+            _SESSIONS[size] = session
+        return session
+
+
+def open_lance(
+    uri: str,
+    storage_options: dict[str, str] | None = None,
+    version: int | None = None,
+    cache_size: int | None = None,
+) -> Any:
+    """A pylance handle on a table's dataset with the cache bounds of an ingest run's
+    connection (pylance's own handles otherwise get Lance's default caches)."""
+    import lance
+
+    size = cache_size if cache_size is not None else cache_bytes(WRITE_CACHE_MB)
+    return lance.dataset(
+        uri,
+        version=version,
+        storage_options=storage_options or None,
+        index_cache_size_bytes=size,
+        metadata_cache_size_bytes=size,
+    )
+
+
+def lance_of(tbl: Any, cache_size: int) -> Any:
+    """The pylance dataset behind a lancedb table, with these cache bounds (lancedb's
+    `to_lance()` gives it Lance's default caches, not the connection's)."""
+    return tbl.to_lance(index_cache_size_bytes=cache_size, metadata_cache_size_bytes=cache_size)
 
 
 class Store:
@@ -782,8 +811,7 @@ def compact_fragments(
     exist are remapped to the new row addresses, as by `optimize`. Fragments with deleted
     rows (a later run's replaced documents) are re-encoded either way."""
     # pylance opens its own handle: the same cache bounds as the lancedb connection's
-    size = cache_size if cache_size is not None else cache_bytes()
-    ds = tbl.to_lance(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
+    ds = lance_of(tbl, cache_size if cache_size is not None else cache_bytes())
     metrics = ds.optimize.compact_files(compaction_mode=mode)
     tbl.checkout_latest()  # the compaction committed a version lancedb's handle has not seen
     return metrics

@@ -143,4 +143,31 @@ def test_prepare_model_resolves_and_exports_the_bundled_model_for_an_image(tmp_p
     env = dict(os.environ, PYTHONPATH=str(REPO), LANCEFLOW_CACHE_DIR=str(cache))
     out = run_cli(env, "prepare-model")
     assert "onnx-int8" in out.stdout and "384 dimensions" in out.stdout
-    assert list(cache.glob("onnx/*/model_int8.onnx")), sorted(cache.rglob("*"))
+    assert list(cache.glob("onnx/*/model_int8_*.onnx")), sorted(cache.rglob("*"))
+
+
+def test_int8_weights_are_8_bit_on_a_vnni_cpu_and_7_bit_elsewhere_in_files_named_apart(
+    tmp_path, monkeypatch
+):
+    """ONNX Runtime's AVX2 kernel can saturate with 8-bit weights: without VNNI they are
+    quantised to 7 bits. A file made for one kind of CPU is never used on the other."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tasks.embedders import local
+    from tasks.settings import DEFAULT_MODEL
+
+    monkeypatch.setenv("LANCEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = local.resolve_model_dir(DEFAULT_MODEL)
+    widest = {}
+    for vnni in (True, False):
+        path = local.export_onnx(model_dir, quantized=True, vnni=vnni)
+        weights = [
+            numpy_helper.to_array(t)
+            for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+        ]
+        assert weights, path
+        widest[path.name] = max(int(abs(w.astype("int16")).max()) for w in weights)
+    assert widest["model_int8_vnni.onnx"] == 127
+    assert widest["model_int8_7bit.onnx"] <= 64

@@ -453,12 +453,18 @@ def _fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def export_onnx(model_dir: Path, quantized: bool) -> Path:
-    """Export the transformer to ONNX (and quantise it) once; later calls reuse the file."""
+def export_onnx(model_dir: Path, quantized: bool, vnni: bool | None = None) -> Path:
+    """Export the transformer to ONNX (and quantise it) once; later calls reuse the file.
+    `vnni`: the int8 file for a CPU with (True) or without (False) VNNI; None: this one's."""
     slug = "".join(c if c.isalnum() else "-" for c in model_dir.name)[:40]
     target_dir = cache_dir() / "onnx" / f"{slug}-{_fingerprint(model_dir)}"
     fp32 = target_dir / "model.onnx"
-    int8 = target_dir / "model_int8.onnx"
+    vnni = _cpu_has_vnni() if vnni is None else vnni
+    # 8-bit weights where the CPU multiplies int8 with VNNI; elsewhere ONNX Runtime's AVX2
+    # kernel sums pairs of products in 16 bits, which can saturate, and its advice is 7-bit
+    # weights (`reduce_range`). The files are named apart: a cache filled on one kind of CPU
+    # (an image built elsewhere) is not used on the other.
+    int8 = target_dir / ("model_int8_vnni.onnx" if vnni else "model_int8_7bit.onnx")
     wanted = int8 if quantized else fp32
     if wanted.exists():
         return wanted
@@ -474,7 +480,7 @@ def export_onnx(model_dir: Path, quantized: bool) -> Path:
             str(tmp),
             weight_type=QuantType.QInt8,
             per_channel=True,
-            reduce_range=not _cpu_has_vnni(),
+            reduce_range=not vnni,
         )
         os.replace(tmp, int8)
     return wanted
@@ -538,10 +544,10 @@ class _OnnxModel:
     and ran faster here than batches of 16 with two intra-op threads (8.9 vs 10.6 ms/chunk).
     """
 
-    def __init__(self, owner: LocalEmbedder, quantized: bool) -> None:
+    def __init__(self, owner: LocalEmbedder, quantized: bool, path: Path | None = None) -> None:
         import onnxruntime as ort
 
-        path = export_onnx(owner.model_dir, quantized)
+        path = path or export_onnx(owner.model_dir, quantized)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

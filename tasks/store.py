@@ -799,9 +799,7 @@ def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
 _NO_CLEANUP = timedelta(days=36_500)
 
 
-def compact_fragments(
-    tbl: Any, mode: str = "try_binary_copy", cache_size: int | None = None
-) -> Any:
+def compact_fragments(tbl: Any, mode: str = "try_binary_copy", *, cache_size: int) -> Any:
     """Merge a table's small fragments by copying their encoded pages into larger files
     (Lance's binary copy; it falls back to decoding and re-encoding where the files differ in
     format). lancedb's own compaction (in `optimize`) decodes every row and re-encodes it,
@@ -811,7 +809,7 @@ def compact_fragments(
     exist are remapped to the new row addresses, as by `optimize`. Fragments with deleted
     rows (a later run's replaced documents) are re-encoded either way."""
     # pylance opens its own handle: the same cache bounds as the lancedb connection's
-    ds = lance_of(tbl, cache_size if cache_size is not None else cache_bytes())
+    ds = lance_of(tbl, cache_size)
     metrics = ds.optimize.compact_files(compaction_mode=mode)
     tbl.checkout_latest()  # the compaction committed a version lancedb's handle has not seen
     return metrics

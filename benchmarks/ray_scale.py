@@ -25,6 +25,8 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
   peak_rss_by_process  each process's own peak RSS (GiB), by role: 'cli' (the command itself),
                        else the first words of its command line (Prefect's server, Ray's
                        processes); a role with several processes sums their peaks
+  cpu_s_by_process     CPU seconds (user + system) by the same roles: where the cores went
+  cpu_utilisation      all of those CPU seconds / (seconds x the cores the run was pinned to)
   versions_added       chunks-table versions whose row count differs from the one before
                        (data commits; index builds and compaction add versions too but no rows)
   fragments_written    fragments in the table right after the run
@@ -32,9 +34,14 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
 and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 per size (on
 chunks/s and pipeline chunks/s). Prints one JSON object.
 
+Before the timed runs, one untimed ingest of 20 documents per kind of runner (local, Ray):
+Prefect's database migrations and the first start of Ray are one-time costs that would
+otherwise land on whichever runner runs first.
+
 With --trace-dir DIR, each ingest's RSS over time also goes to DIR/SIZE-RUNNER.jsonl, one line
-a second: {"s", "tree_mib", "cli_mib", "cli_file_mib"} (the command's file-backed share), to
-place a peak in the pipeline or the refresh.
+a second: {"s", "tree_mib", "cli_mib", "cli_file_mib" (the command's file-backed share),
+"cpu_s" (CPU seconds so far, by role)}, to place a peak or an idle core in the pipeline or the
+refresh.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 LANCEFLOW = [sys.executable, "-m", "flows.cli"]
@@ -80,10 +87,22 @@ def _role(p: Any, root_pid: int) -> str:
     if p.pid == root_pid:
         return "cli"
     try:
-        words = [Path(w).name if i == 0 else w for i, w in enumerate(p.cmdline()[:4])]
+        args = p.cmdline()[:4]
     except Exception:  # noqa: BLE001 - gone, or not ours to read
         return "?"
-    return " ".join(words)[:60] or "?"
+    # the program and its script or module, without folders or options: "python
+    # default_worker.py" (Ray's workers), "python -m uvicorn" (Prefect's server), "raylet"
+    words = [Path(w).name for w in args if not w.startswith("--")]
+    return " ".join(words[:3])[:60] or "?"
+
+
+class TreeRun(NamedTuple):
+    seconds: float  # wall
+    peak: int  # the tree's peak RSS, bytes
+    peak_at: float  # seconds from the start
+    stdout: str
+    peak_by_role: dict[str, float]  # GiB
+    cpu_by_role: dict[str, float]  # CPU seconds (user + system) each role used
 
 
 def run_tree(
@@ -91,11 +110,12 @@ def run_tree(
     env: dict[str, str],
     cores: int | None = None,
     trace: Path | None = None,
-) -> tuple[float, int, float, str, dict[str, float]]:
-    """Wall seconds, peak RSS of the process tree (bytes), when it peaked (seconds), stdout,
-    and each role's peak RSS (GiB); pinned to the first `cores` cores when given. With
-    `trace`, one JSON line per second there: seconds, the tree's RSS and the command's own
-    RSS and file-backed share (MiB), so a peak can be placed in the run."""
+) -> TreeRun:
+    """Run `cmd` (pinned to the first `cores` cores when given), sampling its process tree
+    every 0.1 s: wall seconds, the tree's peak RSS and when, stdout, and each role's peak RSS
+    and CPU seconds. With `trace`, one JSON line per second there: seconds, the tree's RSS, the
+    command's own RSS and file-backed share (MiB), and each role's CPU seconds so far, so a
+    peak or an idle core can be placed in the run."""
     import psutil
 
     pin = None
@@ -128,6 +148,7 @@ def run_tree(
     peak_at = 0.0
     seen: dict[int, psutil.Process] = {}
     own_peak: dict[int, int] = {}
+    own_cpu: dict[int, float] = {}
     roles: dict[int, str] = {}
     trace_out = trace.open("w") if trace is not None else None
     next_trace = 0.0
@@ -143,6 +164,8 @@ def run_tree(
                 total += rss
                 seen[p.pid] = p
                 own_peak[p.pid] = max(own_peak.get(p.pid, 0), rss)
+                times = p.cpu_times()
+                own_cpu[p.pid] = times.user + times.system
                 if p.pid not in roles:
                     roles[p.pid] = _role(p, proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -157,7 +180,9 @@ def run_tree(
                 cli = {"cli_mib": mine.rss // 2**20, "cli_file_mib": mine.shared // 2**20}
             except psutil.NoSuchProcess:
                 cli = {}
-            trace_out.write(json.dumps({"s": round(now, 1), "tree_mib": total // 2**20, **cli}))
+            cpu = _by_role(own_cpu, roles, 1)
+            line = {"s": round(now, 1), "tree_mib": total // 2**20, **cli, "cpu_s": cpu}
+            trace_out.write(json.dumps(line))
             trace_out.write("\n")
             trace_out.flush()
         time.sleep(0.1)
@@ -169,12 +194,39 @@ def run_tree(
     if proc.returncode != 0:
         sys.stderr.write("".join(err)[-4000:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    by_role: dict[str, float] = {}
-    for pid, value in own_peak.items():
+    peaks = {pid: value / 2**30 for pid, value in own_peak.items()}
+    return TreeRun(
+        seconds,
+        peak,
+        peak_at,
+        "".join(out),
+        _by_role(peaks, roles, 3),
+        _by_role(own_cpu, roles, 1),
+    )
+
+
+def _by_role(values: dict[int, float], roles: dict[int, str], digits: int) -> dict[str, float]:
+    """Per-process values summed by role, largest first."""
+    out: dict[str, float] = {}
+    for pid, value in values.items():
         role = roles.get(pid, "?")
-        by_role[role] = by_role.get(role, 0.0) + value / 2**30
-    by_role = {k: round(v, 3) for k, v in by_role.items()}
-    return seconds, peak, peak_at, "".join(out), by_role
+        out[role] = out.get(role, 0.0) + value
+    return {k: round(v, digits) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def warm_up(work: Path, runners: list[str], env: dict[str, str]) -> None:
+    """One untimed ingest of a few documents per kind of runner, before any timed one:
+    Prefect's database migrations (once per PREFECT_HOME) and the first start of Ray and of
+    the code's files (cold page cache) would otherwise land on whichever runner runs first."""
+    tiny = work / "warmup"
+    generate(tiny, 20)
+    for kind in sorted({"local" if r == "local" else "ray" for r in runners}):
+        cmd = [*LANCEFLOW, "ingest", str(tiny), "--table", str(work / f"warm-{kind}")]
+        cmd += ["--embedder", "hash", "--json"]
+        if kind == "ray":
+            cmd += ["--runner", "ray", "--ray-workers", "1", "--ray-cpus", "1"]
+        run_tree(cmd, env)
+    shutil.rmtree(tiny, ignore_errors=True)
 
 
 def table_facts(db: Path) -> tuple[int, int]:
@@ -214,6 +266,7 @@ def main() -> None:
     result: dict[str, object] = {"cpus": os.cpu_count(), "runs": {}}
     runs: dict[str, dict[str, Any]] = result["runs"]  # type: ignore[assignment]
     try:
+        warm_up(work, args.runners.split(","), env)
         for size in [int(s) for s in args.sizes.split(",")]:
             corpus = work / f"corpus-{size}"
             t = time.perf_counter()
@@ -241,8 +294,9 @@ def main() -> None:
                     cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
                     cores = int(n)
                 trace = args.trace_dir / f"{size}-{runner}.jsonl" if args.trace_dir else None
-                seconds, peak, peak_at, out, by_process = run_tree(cmd, env, cores, trace)
-                report = json.loads(out.strip().splitlines()[-1])
+                ran = run_tree(cmd, env, cores, trace)
+                seconds, peak = ran.seconds, ran.peak
+                report = json.loads(ran.stdout.strip().splitlines()[-1])
                 chunks = report["chunks"]["written"]
                 versions, fragments = table_facts(db)
                 run_tree([*LANCEFLOW, "maintain", "--table", str(db), "--json"], env)
@@ -255,8 +309,14 @@ def main() -> None:
                     "stage_seconds": stages,
                     "pipeline_chunks_per_s": round(chunks / stages["pipeline"], 1),
                     "peak_rss_gib": round(peak / 2**30, 3),
-                    "peak_at_s": round(peak_at, 1),
-                    "peak_rss_by_process": by_process,
+                    "peak_at_s": round(ran.peak_at, 1),
+                    "peak_rss_by_process": ran.peak_by_role,
+                    "cpu_s_by_process": ran.cpu_by_role,
+                    # the share of the pinned cores (all of them, unpinned) the tree kept busy
+                    "cpu_utilisation": round(
+                        sum(ran.cpu_by_role.values()) / (seconds * (cores or os.cpu_count() or 1)),
+                        3,
+                    ),
                     "versions_added": versions,
                     "fragments_written": fragments,
                     "fragments_compacted": compacted,

@@ -249,10 +249,16 @@ def _import_ray() -> Any:
     return ray
 
 
+#: (session, worker_env()) of the local Ray instance this process started: its workers
+#: inherited those variables (None: it joined a cluster, or Ray was started by someone else)
+_LOCAL_ENV: tuple[str, dict[str, str]] | None = None
+
+
 def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 512) -> Any:
     """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one
     (`num_cpus` CPUs, an object store of twice `memory_mb`: Ray's default is 30 % of the
     machine's memory); a process already connected keeps its connection."""
+    global _LOCAL_ENV
     ray = _import_ray()
     if ray.is_initialized():
         if address:
@@ -271,7 +277,9 @@ def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 5
                     "object_store_memory": 2 * memory_mb * 2**20,
                 }
             )
+            env = worker_env()
             ray.init(address=address or None, **sizes, **common)
+            _LOCAL_ENV = None if address else (ray.get_runtime_context().get_session_name(), env)
         except ValueError as exc:
             # no address, but Ray joined a running cluster (RAY_ADDRESS, or one `ray start`
             # left on this machine): that cluster keeps its own sizes
@@ -313,6 +321,21 @@ def worker_env() -> dict[str, str]:
         and not any(w in k.upper() for w in _SECRET_WORDS)
         and "@" not in v  # a URL with credentials in it
     }
+
+
+def stage_runtime_env() -> dict[str, Any] | None:
+    """The runtime env the pipeline's stages need. None on a local instance this process
+    started while worker_env() is what its workers inherited at the start: the stages then run
+    in the workers Ray started with the instance (a stage with a runtime env of its own gets
+    new workers, each started and importing everything a second time: seconds of CPU that, on
+    a small machine, the pipeline's first shards wait for). Otherwise the variables, which a
+    cluster's workers (or a local instance's, after a variable changed) do not have."""
+    import ray
+
+    env = worker_env()
+    if _LOCAL_ENV == (ray.get_runtime_context().get_session_name(), env):
+        return None
+    return {"env_vars": env}
 
 
 def shard_refs(ray: Any, batches: Iterator[list[dict[str, Any]]]) -> list[Any]:
@@ -359,11 +382,10 @@ def run_pipeline(
         object_store_memory=params.ray_memory_mb * 2**20
     )
     # every stage: one shard per call, Arrow in and out, the driver's settings in the env
-    stage: dict[str, Any] = {
-        "batch_size": 1,
-        "batch_format": "pyarrow",
-        "runtime_env": {"env_vars": worker_env()},
-    }
+    stage: dict[str, Any] = {"batch_size": 1, "batch_format": "pyarrow"}
+    runtime_env = stage_runtime_env()
+    if runtime_env is not None:
+        stage["runtime_env"] = runtime_env
     tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": RAY_TASK_CPUS}
     ds: Any = rd.from_arrow_refs(refs)
     ds = ds.map_batches(parse_and_chunk, **tasks)

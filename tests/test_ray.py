@@ -1,5 +1,6 @@
-"""`--runner ray` on a real local Ray instance (one per test session: two CPUs, no dashboard),
-against the default runner on the same corpus.
+"""`--runner ray` on a real local Ray instance (one per test session: two CPUs, no dashboard,
+started by the runner's own `connect`, as the CLI starts one), against the default runner on
+the same corpus.
 
 The hash embedder appends one line per model call to LANCEFLOW_HASH_CALLS_LOG, in whichever
 process the call runs (a Ray actor included), so the tests count what was really embedded.
@@ -7,6 +8,7 @@ process the call runs (a Ray actor included), so the tests count what was really
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import ray  # a dev dependency (the lanceflow[ray] extra): these tests never skip
 
 from flows.ingest import run_ingest
+from tasks import ray_runner
 from tasks.settings import IngestParams
 from tasks.store import Store
 
@@ -30,11 +33,37 @@ DOCS = 120
 BATCH_DOCS = 15
 
 
+#: set before the instance starts: its workers inherit it
+MARK = "LANCEFLOW_TEST_RAY_MARK"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ[MARK] = "started"
+    # ray.init(num_cpus=2, include_dashboard=False, ...), as `lanceflow ingest --runner ray`
+    ray_runner.connect(None, num_cpus=2)
     yield
     ray.shutdown()
+    os.environ.pop(MARK, None)
+
+
+def _worker_env_probe() -> tuple[str | None, str | None]:
+    return os.environ.get(MARK), os.environ.get("LANCEFLOW_TEST_RAY_LATER")
+
+
+def test_stages_run_in_the_instances_own_workers_until_a_variable_changes(monkeypatch):
+    """A local instance's workers inherited the driver's variables: the pipeline's stages need
+    no runtime env (which would start every worker a second time). A variable set after the
+    start travels in the stages' runtime env, and the workers see it."""
+    probe = ray.remote(_worker_env_probe)
+    assert ray_runner.stage_runtime_env() is None
+    assert ray.get(probe.remote()) == ("started", None)
+    monkeypatch.setenv("LANCEFLOW_TEST_RAY_LATER", "later")
+    env = ray_runner.stage_runtime_env()
+    assert env is not None and env["env_vars"]["LANCEFLOW_TEST_RAY_LATER"] == "later"
+    assert ray.get(probe.options(runtime_env=env).remote()) == ("started", "later")
+    monkeypatch.delenv("LANCEFLOW_TEST_RAY_LATER")
+    assert ray_runner.stage_runtime_env() is None
 
 
 def _write_corpus(root: Path, n: int = DOCS, seed: int = 7) -> Path:

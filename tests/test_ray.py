@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,25 @@ def ray_instance():
     yield
     ray.shutdown()
     os.environ.pop(MARK, None)
+
+
+@ray.remote(num_cpus=0.5)
+def _worker_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_the_local_instance_keeps_idle_workers_for_the_next_shards():
+    """Every task and actor holds at least half a CPU, so 2 CPUs run 4 at once: the instance
+    connect() starts keeps 4 idle worker processes, and tasks after a pause run in the same
+    processes. (Ray's default keeps one per CPU and stops the others a second after they went
+    idle: the next tasks then start and import everything again.) First in the module, before
+    other tests leave idle workers of their own."""
+    first = set(ray.get([_worker_pid.remote(3.0) for _ in range(4)]))
+    assert len(first) == 4  # four at once, each in its own process
+    time.sleep(3.0)  # Ray stops a worker idle for more than a second
+    second = set(ray.get([_worker_pid.remote(3.0) for _ in range(4)]))
+    assert second == first
 
 
 def _worker_env_probe() -> tuple[str | None, str | None]:

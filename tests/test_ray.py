@@ -49,22 +49,34 @@ def ray_instance():
 
 
 @ray.remote(num_cpus=0.5)
-def _worker_pid(seconds: float) -> int:
-    time.sleep(seconds)
+def _pid_once_all_run(folder: str, n: int) -> int:
+    """This worker's pid, returned once n of these tasks run at once (each leaves a file named
+    for its pid and waits for n of them): n different processes, whatever their start-up."""
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(folder)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(os.listdir(folder))} of {n} tasks ran at once")
+        time.sleep(0.05)
     return os.getpid()
 
 
-def test_the_local_instance_keeps_idle_workers_for_the_next_shards():
+def test_the_local_instance_keeps_idle_workers_for_the_next_shards(tmp_path):
     """Every task and actor holds at least half a CPU, so 2 CPUs run 4 at once: the instance
     connect() starts keeps 4 idle worker processes, and tasks after a pause run in the same
     processes. (Ray's default keeps one per CPU and stops the others a second after they went
     idle: the next tasks then start and import everything again.) First in the module, before
     other tests leave idle workers of their own."""
-    first = set(ray.get([_worker_pid.remote(3.0) for _ in range(4)]))
-    assert len(first) == 4  # four at once, each in its own process
+
+    def four_at_once(name: str) -> set[int]:
+        folder = tmp_path / name
+        folder.mkdir()
+        return set(ray.get([_pid_once_all_run.remote(str(folder), 4) for _ in range(4)]))
+
+    first = four_at_once("first")
+    assert len(first) == 4
     time.sleep(3.0)  # Ray stops a worker idle for more than a second
-    second = set(ray.get([_worker_pid.remote(3.0) for _ in range(4)]))
-    assert second == first
+    assert four_at_once("second") == first
 
 
 def _worker_env_probe() -> tuple[str | None, str | None]:

@@ -214,17 +214,29 @@ def _by_role(values: dict[int, float], roles: dict[int, str], digits: int) -> di
     return {k: round(v, digits) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def warm_up(work: Path, runners: list[str], env: dict[str, str]) -> None:
+def ingest_cmd(
+    corpus: Path, db: Path, runner: str, chunk_tokens: int, batch_docs: int
+) -> tuple[list[str], int | None]:
+    """`lanceflow ingest` of `corpus` with the hash embedder on `runner` ('local', 'rayN'),
+    and the cores to pin it to (N for rayN, None for the default runner)."""
+    cmd = [*LANCEFLOW, "ingest", str(corpus), "--table", str(db), "--embedder", "hash"]
+    cmd += ["--chunk-tokens", str(chunk_tokens), "--batch-docs", str(batch_docs), "--json"]
+    if not runner.startswith("ray"):
+        return cmd, None
+    n = runner[3:] or "2"
+    return [*cmd, "--runner", "ray", "--ray-workers", n, "--ray-cpus", n], int(n)
+
+
+def warm_up(
+    work: Path, runners: list[str], env: dict[str, str], chunk_tokens: int, batch_docs: int
+) -> None:
     """One untimed ingest of a few documents per kind of runner, before any timed one:
     Prefect's database migrations (once per PREFECT_HOME) and the first start of Ray and of
     the code's files (cold page cache) would otherwise land on whichever runner runs first."""
     tiny = work / "warmup"
     generate(tiny, 20)
-    for kind in sorted({"local" if r == "local" else "ray" for r in runners}):
-        cmd = [*LANCEFLOW, "ingest", str(tiny), "--table", str(work / f"warm-{kind}")]
-        cmd += ["--embedder", "hash", "--json"]
-        if kind == "ray":
-            cmd += ["--runner", "ray", "--ray-workers", "1", "--ray-cpus", "1"]
+    for kind in sorted({"local" if r == "local" else "ray1" for r in runners}):
+        cmd, _ = ingest_cmd(tiny, work / f"warm-{kind}", kind, chunk_tokens, batch_docs)
         run_tree(cmd, env)
     shutil.rmtree(tiny, ignore_errors=True)
 
@@ -266,7 +278,7 @@ def main() -> None:
     result: dict[str, object] = {"cpus": os.cpu_count(), "runs": {}}
     runs: dict[str, dict[str, Any]] = result["runs"]  # type: ignore[assignment]
     try:
-        warm_up(work, args.runners.split(","), env)
+        warm_up(work, args.runners.split(","), env, args.chunk_tokens, args.batch_docs)
         for size in [int(s) for s in args.sizes.split(",")]:
             corpus = work / f"corpus-{size}"
             t = time.perf_counter()
@@ -274,25 +286,7 @@ def main() -> None:
             sys.stderr.write(f"generated {size} documents in {time.perf_counter() - t:.1f}s\n")
             for runner in args.runners.split(","):
                 db = work / f"db-{size}-{runner}"
-                cmd = [
-                    *LANCEFLOW,
-                    "ingest",
-                    str(corpus),
-                    "--table",
-                    str(db),
-                    "--embedder",
-                    "hash",
-                    "--chunk-tokens",
-                    str(args.chunk_tokens),
-                    "--batch-docs",
-                    str(args.batch_docs),
-                    "--json",
-                ]
-                cores = None
-                if runner.startswith("ray"):
-                    n = runner[3:] or "2"
-                    cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
-                    cores = int(n)
+                cmd, cores = ingest_cmd(corpus, db, runner, args.chunk_tokens, args.batch_docs)
                 trace = args.trace_dir / f"{size}-{runner}.jsonl" if args.trace_dir else None
                 ran = run_tree(cmd, env, cores, trace)
                 seconds, peak = ran.seconds, ran.peak

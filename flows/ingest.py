@@ -209,7 +209,11 @@ def ingest_with(params: IngestParams) -> IngestReport:
     d, c = run.report.documents, run.report.chunks
     changed = bool(d.new or d.changed or d.failed or c.written or c.deleted or plan.deleted_ids)
     indexes = refresh_indexes(run, changed)
-    logger.info("indexes: %s", ", ".join(indexes.get("indexes", [])))
+    logger.info(
+        "indexes: %s%s",
+        ", ".join(indexes.get("indexes", [])),
+        "".join(f"; {k} {v:.1f} s" for k, v in indexes.get("seconds", {}).items()),
+    )
     if switch_generation(run):
         logger.info("generation %d is live now", run.target.number)
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]

@@ -63,7 +63,9 @@ class IngestReport(BaseModel):
     #: wall seconds of the run's stages: 'pipeline' (read, parse, chunk, embed and write the
     #: documents to process), on Ray also 'ray_start' (joining or starting the cluster) and
     #: 'commit' (the one table commit and the manifest rows); on Ray, documents too long for
-    #: a shard are streamed on the driver after 'commit' and counted in neither
+    #: a shard are streamed on the driver after 'commit' and counted in neither; 'indexes':
+    #: the index refresh that ends a run (compaction, index builds and folding, pruning),
+    #: each step's seconds in the run's log
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     orchestrated: bool = True
     status: str = "completed"

@@ -199,9 +199,13 @@ def delete_documents(run: IngestRun, plan: Plan) -> int:
 @_io_task("refresh_indexes")
 def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
     s = run.params.store
-    return run.store.refresh_indexes(
+    done = run.store.refresh_indexes(
         s.vector_index_min_rows, timedelta(days=s.cleanup_older_than_days), changed
     )
+    steps = done.get("seconds", {})
+    if steps:  # set, not added: a retried refresh counts its last attempt
+        run.report.stage_seconds["indexes"] = round(sum(steps.values()), 3)
+    return done
 
 
 @_io_task("switch_generation")

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -678,10 +679,20 @@ class Store:
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[step] = round(seconds.get(step, 0.0) + now - clock, 3)
+            clock = now
+
         if changed:
             # before the indexes are built: they then cover few large fragments, and there is
             # less to remap (a first run's every batch is a fragment)
             self._compact(tbl)
+            lap("compaction")
         names = self.index_names()  # after the compaction, which remaps them
         created: list[str] = []
         rows = tbl.count_rows()
@@ -696,6 +707,7 @@ class Store:
                 ascii_folding=True,
             )
             created.append("text_idx")
+            lap("text_idx")
         crash_point("during-index-refresh")
         if "text_cjk_idx" not in names:
             tbl.create_fts_index(
@@ -711,21 +723,31 @@ class Store:
                 ascii_folding=False,
             )
             created.append("text_cjk_idx")
+            lap("text_cjk_idx")
         for column in CHUNK_KEYS:
             if f"{column}_idx" not in names and rows:
                 tbl.create_scalar_index(column, index_type="BTREE", replace=True)
                 created.append(f"{column}_idx")
+                lap("key_indexes")
         release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
         if "vector_idx" not in names and rows >= vector_index_min_rows:
             tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
             created.append("vector_idx")
             release_free_heap()
+            lap("vector_idx")
         if changed:
             # folding new rows into the indexes, pruning old versions (compacted above)
             optimize(tbl, cleanup_older_than)
             release_free_heap()
+            lap("optimize")
             self.upkeep(cleanup_older_than)
-        return {"indexes": sorted(self.index_names()), "created": created, "rows": rows}
+            lap("upkeep")
+        return {
+            "indexes": sorted(self.index_names()),
+            "created": created,
+            "rows": rows,
+            "seconds": seconds,
+        }
 
     def _compact(self, tbl: Any) -> None:
         """`compact_fragments`; should it fail, the indexes are built all the same and

@@ -53,6 +53,8 @@ def test_first_run_ingests_every_format(corpus, tmp_path):
     assert min(pdf_rows.column("page_start").to_pylist()) == 1
     runs = store.table(RUNS).search().limit(None).to_arrow().to_pylist()
     assert len(runs) == 1 and runs[0]["documents_seen"] == 8
+    # where the run's time went: the overlapped pipeline, then the index refresh that ends it
+    assert report.stage_seconds["pipeline"] > 0 and report.stage_seconds["indexes"] > 0
 
 
 def test_incremental_add_modify_delete_rename(corpus, tmp_path):
@@ -107,6 +109,7 @@ def test_incremental_add_modify_delete_rename(corpus, tmp_path):
     third = run_ingest(_params(corpus, db))
     assert third.documents.unchanged == 8
     assert third.chunks.embedded == 0 and third.chunks.written == 0
+    assert "indexes" not in third.stage_seconds  # nothing changed: no refresh to time
 
 
 def test_bad_inputs_are_skipped_and_recorded(corpus, tmp_path):

@@ -366,6 +366,10 @@ def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on
         before = tbl.to_arrow().sort_by("chunk_id")
         done = store.refresh_indexes(1, cleanup_older_than=None, changed=True)
         assert "vector_idx" in done["indexes"] and "text_idx" in done["indexes"]
+        # each step timed (the key indexes were built as the batches were written)
+        steps = {"compaction", "text_idx", "text_cjk_idx", "vector_idx", "optimize", "upkeep"}
+        assert set(done["seconds"]) == steps
+        assert min(done["seconds"].values()) >= 0
         metrics = seen["metrics"]
         assert seen["cache_size"] == store.cache_size  # pylance's handle: the same bounds
         assert metrics.fragments_removed == batches  # type: ignore[attr-defined]

@@ -675,7 +675,10 @@ class Store:
     def refresh_indexes(
         self, vector_index_min_rows: int, cleanup_older_than: timedelta | None, changed: bool
     ) -> dict[str, Any]:
-        """Create missing indexes, fold new rows into existing ones, compact and prune."""
+        """Create missing indexes, fold new rows into existing ones, compact and prune.
+        Returns the indexes, those created, the row count and each step's wall seconds
+        (`seconds`: compaction, text_idx, text_cjk_idx, key_indexes, vector_idx, optimize,
+        upkeep; a step with nothing to do is absent)."""
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)

@@ -352,8 +352,7 @@ def stage_runtime_env() -> dict[str, Any] | None:
     new workers, each started and importing everything a second time: seconds of CPU that, on
     a small machine, the pipeline's first shards wait for). Otherwise the variables, which a
     cluster's workers (or a local instance's, after a variable changed) do not have."""
-    import ray
-
+    ray = _import_ray()
     env = worker_env()
     if _LOCAL_ENV == (ray.get_runtime_context().get_session_name(), env):
         return None

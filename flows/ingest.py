@@ -19,6 +19,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 from tqdm import tqdm
 
+from tasks.concurrency import prompt_gil_handoffs
 from tasks.crashpoints import pause_point
 from tasks.locking import table_lock
 from tasks.plan import Plan, iter_work
@@ -187,19 +188,21 @@ def ingest_with(params: IngestParams) -> IngestReport:
         progress=0.0, description=f"documents processed of {plan.to_process}"
     )
     try:
-        if params.runner == "ray" and plan.to_process:
-            ray_step = ingest_on_ray(run, plan)
-            logger.info(
-                "ray: %d fragments in one commit (table version %d -> %d)",
-                ray_step["fragments"],
-                ray_step["version_before"],
-                ray_step["version_after"],
-            )
-            update_progress_artifact(progress_id, progress=100.0)
-        elif plan.to_process:
-            started = time.perf_counter()
-            _pipeline(run, plan, progress_id)
-            run.report.stage_seconds["pipeline"] = round(time.perf_counter() - started, 3)
+        # the pipeline's threads hand the GIL to each other promptly (tasks.concurrency)
+        with prompt_gil_handoffs():
+            if params.runner == "ray" and plan.to_process:
+                ray_step = ingest_on_ray(run, plan)
+                logger.info(
+                    "ray: %d fragments in one commit (table version %d -> %d)",
+                    ray_step["fragments"],
+                    ray_step["version_before"],
+                    ray_step["version_after"],
+                )
+                update_progress_artifact(progress_id, progress=100.0)
+            elif plan.to_process:
+                started = time.perf_counter()
+                _pipeline(run, plan, progress_id)
+                run.report.stage_seconds["pipeline"] = round(time.perf_counter() - started, 3)
     finally:
         plan.cleanup()
     mark_record_files(run, plan)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -19,6 +18,7 @@ import pyarrow as pa
 
 from tasks.errors import DeletionRefusedError, DocumentError
 from tasks.identity import record_hash
+from tasks.scratch import scratch_dir
 from tasks.sources import FileEntry, Record, RecordError, Source
 from tasks.store import ManifestRow
 
@@ -165,7 +165,7 @@ def plan_changes(
     compares the listing with (default: the manifest's; a reindex passes the live
     generation's, so a build from an emptied source cannot replace a full index).
     """
-    directory = tempfile.mkdtemp(prefix="lanceflow-plan-", dir=spill_dir)
+    directory = scratch_dir("plan", spill_dir)
     spill = _Spill(os.path.join(directory, "work.arrow"))
     plan = Plan(spill.path)
     seen: set[str] = set()

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from pydantic import SecretStr
 from tasks.errors import ConfigurationError, LanceflowError
 from tasks.generations import Generation
 from tasks.memory import LANCE_IO_BUFFER_VAR
+from tasks.scratch import scratch_dir
 from tasks.settings import RAY_ACTOR_CPUS, RAY_TASK_CPUS, IngestParams
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ def run_pipeline(
         max_task_retries=MAX_RESTARTS,
     )
     ds = ds.map_batches(write_fragments, **tasks)
-    spill_dir = tempfile.mkdtemp(prefix="lanceflow-ray-")
+    spill_dir = scratch_dir("ray")
     spill = os.path.join(spill_dir, "outcomes.pickle")
     fragments: list[str] = []
     embedded = cached = chunks = 0

@@ -182,3 +182,53 @@ def test_records_file_ingests_as_documents(tmp_path):
     assert "doc-00007" in docs  # the records' own ids are the document ids
     again = run_ingest(_params(src, tmp_path / "db"))
     assert again.documents.unchanged == 30 and again.chunks.embedded == 0
+
+
+def test_the_pipeline_runs_with_prompt_gil_handoffs_and_restores_the_interval(corpus, tmp_path):
+    """The switch interval is process-wide: sampled from this thread while the flow runs in
+    another, it is lowered during the run's pipeline and back to what it was afterwards."""
+    import sys
+    import threading
+    import time
+
+    from tasks.concurrency import PIPELINE_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    assert before > PIPELINE_SWITCH_INTERVAL
+    seen: set[float] = set()
+    result: dict[str, object] = {}
+
+    def ingest() -> None:
+        try:
+            result["report"] = run_ingest(_params(corpus, tmp_path / "db"))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    while worker.is_alive():
+        seen.add(sys.getswitchinterval())
+        time.sleep(0.002)
+    worker.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    assert result["report"].documents.new == 8  # type: ignore[attr-defined]
+    assert PIPELINE_SWITCH_INTERVAL in seen
+    assert sys.getswitchinterval() == before
+
+
+def test_switch_interval_is_shared_by_concurrent_pipelines_and_never_raised():
+    import sys
+
+    from tasks.concurrency import prompt_gil_handoffs
+
+    before = sys.getswitchinterval()
+    first, second = prompt_gil_handoffs(0.001), prompt_gil_handoffs(0.002)
+    first.__enter__()
+    assert sys.getswitchinterval() == 0.001
+    second.__enter__()  # a second run in the same process does not raise it
+    assert sys.getswitchinterval() == 0.001
+    first.__exit__(None, None, None)  # the other run still runs: still lowered
+    assert sys.getswitchinterval() == 0.001
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before

@@ -217,14 +217,20 @@ def _crash(env, *args: str, point: str) -> None:
 )
 def test_a_crash_at_each_point_converges_to_the_clean_build(corpus, tmp_path, cli_env, point):
     db, clean = str(tmp_path / "db"), str(tmp_path / "clean")
+    scratch = tmp_path / "tmp"  # the runs' temporary directory, to see what a crash leaves
+    scratch.mkdir()
+    cli_env = dict(cli_env, TMPDIR=str(scratch))
     args = ("--batch-docs", "2", "--json")
     if point == "during-deletions":
         run_cli(cli_env, "ingest", str(corpus), "--table", db, *args)
         for name in ("guides/coffee.txt", "ko/security.txt", "reports/expenses.pdf"):
             (corpus / name).unlink()
     _crash(cli_env, "ingest", str(corpus), "--table", db, *args, point=point)
+    if point == "after-chunk-commit:2":  # killed mid-pipeline: its spilled plan is left
+        assert len(list(scratch.glob("lanceflow-plan-*"))) == 1
     rerun = json.loads(run_cli(cli_env, "ingest", str(corpus), "--table", db, *args).stdout)
     assert rerun["documents"]["failed"] == 0
+    assert list(scratch.glob("lanceflow-plan-*")) == []  # the next run swept it
     run_cli(cli_env, "ingest", str(corpus), "--table", clean, *args)
     assert table_snapshot(db) == table_snapshot(clean)
     assert Store(db).indexes_current()

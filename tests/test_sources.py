@@ -108,6 +108,33 @@ def test_verify_and_sources_without_times_rehash_every_file(corpus):
     blind.cleanup()
 
 
+def test_scratch_left_by_a_killed_run_is_swept_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    from tasks import scratch
+
+    # a process that has ended and been reaped: no process has its pid (reuse within this
+    # test would need the pid counter to wrap around)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = scratch._host()
+    dead = tmp_path / f"lanceflow-plan-{host}-{ended.pid}-abcd1234"
+    live = tmp_path / f"lanceflow-plan-{host}-{os.getppid()}-abcd1234"
+    elsewhere = tmp_path / f"lanceflow-plan-otherhost-{ended.pid}-abcd1234"
+    other_kind = tmp_path / f"lanceflow-ray-{host}-{ended.pid}-abcd1234"
+    for d in (dead, live, elsewhere, other_kind):
+        d.mkdir()
+        (d / "work.arrow").write_bytes(b"x" * 100)
+    made = scratch.scratch_dir("plan", str(tmp_path))
+    assert not dead.exists()
+    assert live.exists() and elsewhere.exists() and other_kind.exists()
+    assert os.path.basename(made).startswith(f"lanceflow-plan-{host}-{os.getpid()}-")
+    # the new folder is this (live) process's: the next sweep keeps it
+    assert scratch.sweep_scratch("plan", str(tmp_path)) == []
+    assert os.path.isdir(made)
+
+
 def test_one_source_under_several_spellings(tmp_path, monkeypatch):
     from tasks.sources import canonical_source_uri
 

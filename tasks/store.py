@@ -500,8 +500,14 @@ class Store:
     ) -> dict[str, np.ndarray]:
         """Vectors already stored for these chunk-text hashes: the embedding cache. Looks in
         this generation's chunks and in `also`, chunks tables of other generations with the
-        same embedding fingerprint (never another embedding space)."""
-        unique = list(dict.fromkeys(hashes))
+        same embedding fingerprint (never another embedding space).
+
+        The hashes are looked up in sorted order, a thousand at a time: each query then reads
+        only its own key range of the text_hash index. In arrival order, every query touched
+        every index page, and once the index outgrew an ingest's 16 MiB index cache each one
+        read them all again (1.46 M rows, 4,000 new hashes: 0.43-0.48 s unsorted, 0.125 s
+        sorted)."""
+        unique = sorted(set(hashes))
         found: dict[str, np.ndarray] = {}
         for name in (self.chunks_name, *also):
             if not unique or not self.has(name):

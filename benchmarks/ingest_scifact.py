@@ -1,6 +1,6 @@
 """Ingest benchmark on SciFact (5,183 abstracts), all in one run so the ratios hold.
 
-    python benchmarks/ingest_scifact.py [--corpus DIR] [--docs N] [--skip-baseline]
+    python benchmarks/ingest_scifact.py [--data DIR] [--docs N] [--skip-baseline]
 
 Prints one JSON object:
   baseline_s       bare sentence-transformers model.encode of title + text (truncated at the

@@ -170,6 +170,7 @@ def plan_changes(
     plan = Plan(spill.path)
     seen: set[str] = set()
     by_source: dict[str, list[str]] | None = None
+    listed = False
     try:
         for entry in source.iter_entries():
             if entry.error is not None:
@@ -220,8 +221,11 @@ def plan_changes(
                 state=state,
                 old_hash=old.content_hash if old else None,
             )
+        listed = True
     finally:
         spill.close()
+        if not listed:  # a source that cannot be listed: no plan, no folder left behind
+            plan.cleanup()
     markers = {d for d, row in manifest.items() if row[3] == RECORDS_MARKER}
     plan.seen = len(seen) - len(plan.marker_ids)
     base = baseline if baseline is not None else {d for d in manifest if d not in markers}

@@ -230,3 +230,24 @@ def table_snapshot(db: str) -> dict:
     }
     fp = store.generation.fingerprint if store.generation else None
     return {"chunks": chunks, "manifest": manifest, "fingerprint": fp}
+
+
+@pytest.fixture(autouse=True)
+def _no_scratch_left_behind(request) -> Iterator[None]:
+    """Every run this process makes removes its scratch folder (tasks.scratch) when it ends,
+    failed or not: a test whose flows leave one fails."""
+    import glob
+    import os
+    import tempfile
+
+    from tasks.scratch import _host
+
+    pattern = os.path.join(tempfile.gettempdir(), f"lanceflow-*-{_host()}-{os.getpid()}-*")
+    before = set(glob.glob(pattern))
+    yield
+    left = sorted(set(glob.glob(pattern)) - before)
+    for path in left:  # not into the next test
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"{request.node.nodeid} left scratch folders: {left}"

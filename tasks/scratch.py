@@ -24,6 +24,11 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
+def _prefix(kind: str) -> str:
+    """The start of this host's `kind` folder names; the process id and a random part follow."""
+    return f"lanceflow-{kind}-{_host()}-"
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -31,9 +36,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    except OSError:
+    except OSError:  # PermissionError: another user's process
         return True
     return True
 
@@ -42,7 +45,7 @@ def sweep_scratch(kind: str, parent: str | None = None) -> list[str]:
     """Remove the `kind` scratch folders under `parent` (default: the temporary directory) left
     by processes of this host that have ended; returns the folders removed."""
     parent = parent or tempfile.gettempdir()
-    pattern = re.compile(rf"^lanceflow-{re.escape(kind)}-{re.escape(_host())}-(\d+)-[^-]+$")
+    pattern = re.compile(rf"^{re.escape(_prefix(kind))}(\d+)-[^-]+$")
     removed: list[str] = []
     try:
         names = os.listdir(parent)
@@ -71,4 +74,4 @@ def scratch_dir(kind: str, parent: str | None = None) -> str:
     """A new scratch folder for this process (its caller removes it when done), after sweeping
     the ones killed runs left behind."""
     sweep_scratch(kind, parent)
-    return tempfile.mkdtemp(prefix=f"lanceflow-{kind}-{_host()}-{os.getpid()}-", dir=parent)
+    return tempfile.mkdtemp(prefix=f"{_prefix(kind)}{os.getpid()}-", dir=parent)

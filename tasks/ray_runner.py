@@ -119,10 +119,9 @@ def _worker_objects(job: RayJob) -> dict[str, Any]:
             objs = {
                 "source": Source(job.params.source),
                 "embedder": embedder,
-                # ids only for CPU actors (int8 ONNX); GPU actors run torch, which reads text
-                "chunker": make_chunker(
-                    embedder, job.params.chunking, token_ids=not job.params.ray_gpus_per_worker
-                ),
+                # the CPU workers tokenise as they chunk; the model (int8 ONNX on CPU actors,
+                # torch on GPU actors) reads those ids
+                "chunker": make_chunker(embedder, job.params.chunking),
                 "store": store,
             }
             _WORKER.clear()  # one job per worker process at a time

@@ -232,3 +232,79 @@ def test_switch_interval_is_shared_by_concurrent_pipelines_and_never_raised():
     assert sys.getswitchinterval() == 0.001
     second.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
+
+
+def test_prefetch_grows_with_cores_up_to_eight():
+    from flows.ingest import prefetch_batches
+
+    assert [prefetch_batches(n) for n in (1, 2, 4, 6, 16, 64)] == [2, 2, 2, 3, 8, 8]
+
+
+def test_on_many_cores_batches_are_chunked_in_parallel_into_the_same_table(
+    corpus, tmp_path, monkeypatch
+):
+    """On a 16-core machine 8 batches are read, parsed and chunked at once (a GPU or an API
+    embeds faster than one thread chunks); the table is the one a 2-core machine writes."""
+    import threading
+    import time
+
+    import tasks.steps as steps
+
+    one_doc = {"batch_docs": 1}  # 8 documents: 8 batches
+    small = run_ingest(_params(corpus, tmp_path / "two", **one_doc))
+    inner = steps.read_and_parse
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.2)  # long enough for every prefetched batch to be in flight at once
+            return inner(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(steps, "read_and_parse", counted)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    big = run_ingest(_params(corpus, tmp_path / "sixteen", **one_doc))
+    assert peak[0] > 2  # more than the 2 batches a small machine prefetches
+    assert big.chunks.written == small.chunks.written
+    two = _vectors(Store(str(tmp_path / "two")))
+    sixteen = _vectors(Store(str(tmp_path / "sixteen")))
+    assert two.keys() == sixteen.keys()
+    assert all(np.array_equal(two[k], sixteen[k]) for k in two)
+
+
+def test_prefect_does_not_walk_the_chunks_of_a_batch(tmp_path, monkeypatch):
+    """A task's inputs are walked by Prefect (to find futures and states) unless quoted; a
+    batch's outcomes hold every chunk, and walking them took most of the main thread's time
+    once the model was fast (a GPU). The pipeline quotes them: the visits do not grow with
+    the chunks in a batch."""
+    import prefect.utilities.collections as collections
+
+    inner = collections.visit_collection
+    visits = [0]
+
+    def counted(*args, **kwargs):
+        visits[0] += 1  # the recursion goes through the module's name: every node counts
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(collections, "visit_collection", counted)
+    para = "A sentence about the index and its upkeep, long enough to fill a line. " * 12
+    seen = []
+    for docs in (10, 30):
+        src = tmp_path / f"src{docs}"
+        src.mkdir()
+        for i in range(docs):
+            (src / f"doc{i}.txt").write_text(f"Document {i}.\n\n" + "\n\n".join([para] * 40))
+        visits[0] = 0
+        params = _params(src, tmp_path / f"db{docs}", embedder={"kind": "hash"}, batch_docs=64)
+        report = run_ingest(params)  # one batch
+        seen.append((report.chunks.written, visits[0]))
+    (small_chunks, small_visits), (big_chunks, big_visits) = seen
+    assert big_chunks - small_chunks >= 800
+    # quoted: fewer than one more visit per extra chunk (Prefect still links each document of
+    # a task's returned list to its state); walked, as before, it was over 40
+    assert big_visits - small_visits < big_chunks - small_chunks

@@ -150,16 +150,18 @@ class _CountingTokenizer:
 
 
 @pytest.mark.slow
-def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path):
-    """The chunker encodes each chunk as it cuts it; the model (int8 ONNX) reads those ids and
-    does not tokenise again; the vectors are bit-identical to embedding the text."""
+@pytest.mark.parametrize("backend", ["onnx-int8", "torch"])
+def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path, backend):
+    """The chunker encodes each chunk as it cuts it; the model (int8 ONNX; torch, as on a GPU)
+    reads those ids and does not tokenise again; the vectors are bit-identical to embedding
+    the text, and torch's are sentence-transformers' own encode()."""
     import numpy as np
 
     from tasks.embedders.local import LocalEmbedder
     from tasks.embedding import make_chunker
     from tasks.settings import DEFAULT_MODEL, ChunkSettings
 
-    emb = LocalEmbedder(DEFAULT_MODEL, backend="onnx-int8")  # the CPU default, even on a GPU
+    emb = LocalEmbedder(DEFAULT_MODEL, device="cpu", backend=backend)
     counting = _CountingTokenizer(emb.input_tokenizer)
     emb.__dict__["input_tokenizer"] = counting  # what the chunker and the model both use
     chunker = make_chunker(emb, ChunkSettings(chunk_tokens=24))
@@ -172,13 +174,17 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     assert batch.embedded > 0
     assert counting.texts == n  # the model read the ids: no second tokenisation
     assert all(c.token_ids is None for o in docs for c in o.chunks)  # not held after embedding
-    assert emb.backend == "onnx-int8"
+    assert emb.backend == backend
     rows = batch.rows
     got = dict(zip(rows.column("text").to_pylist(), rows.column("vector").to_pylist(), strict=True))
     texts = sorted(got)
     from_text = emb.embed(texts)  # the text path, which tokenises
     assert counting.texts == n + len(texts)
-    assert np.array_equal(np.asarray([got[t] for t in texts], dtype=np.float32), from_text)
+    from_ids = np.asarray([got[t] for t in texts], dtype=np.float32)
+    assert np.array_equal(from_ids, from_text)
+    if backend == "torch":  # lanceflow's batching gives sentence-transformers' vectors
+        st = emb._impl.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        assert np.abs(from_ids - st).max() < 1e-5
 
 
 @pytest.mark.parametrize(("stale_rows", "stale_share"), [(30, 0.0), (1, 0.25)])

@@ -388,14 +388,14 @@ class LocalEmbedder:
         return self._vectors(len(texts), lambda: self._impl.encode(list(texts), self.batch_size))
 
     def embed_ids(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> np.ndarray:
-        """embed(texts), from their input ids (token_ids) where the backend reads ids (ONNX):
-        the same vectors, without tokenising again."""
+        """embed(texts), from their input ids (token_ids) where the backend reads ids (ONNX;
+        torch for a transformer + pooling model): the same vectors, without tokenising again."""
         if self._impl is None:
             self.load()
-        if not isinstance(self._impl, _OnnxModel):
-            return self.embed(texts)
         impl = self._impl
-        return self._vectors(len(texts), lambda: impl.encode_ids(list(ids)))
+        if not getattr(impl, "reads_ids", False):
+            return self.embed(texts)
+        return self._vectors(len(texts), lambda: impl.encode_ids(list(ids), self.batch_size))
 
     def _vectors(self, count: int, encode: Any) -> np.ndarray:
         """One model call's normalised vectors (none for no texts), counted."""
@@ -428,8 +428,20 @@ class _TorchModel:
             raise ModelError(f"cannot load {owner.model_id}: {exc}") from exc
         if device == "cuda":
             self.model.half()
+        #: a transformer + pooling model reads input ids: lanceflow tokenises (once, in the
+        #: chunker) and batches; other layouts (dense layers, routers) go through encode()
+        self.reads_ids = owner.layout.pooling is not None
+        self.tokenizer = owner.input_tokenizer
+        hf_tok = getattr(self.model, "tokenizer", None)
+        pad = getattr(hf_tok, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+        names = getattr(hf_tok, "model_input_names", None) or []
+        self.token_types = "token_type_ids" in names
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        if self.reads_ids:
+            ids = [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
+            return self.encode_ids(ids, batch_size)
         return np.asarray(
             self.model.encode(
                 texts,
@@ -440,6 +452,38 @@ class _TorchModel:
             ),
             dtype=np.float32,
         )
+
+    def encode_ids(self, ids: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """The model's sentence embeddings of these input ids: batches of `batch_size` in
+        order of length (little padding), each padded to its longest, on the model's device."""
+        import torch
+
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out: np.ndarray | None = None
+        device = self.model.device
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                width = len(ids[rows[0]])
+                input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for r, i in enumerate(rows):
+                    n = len(ids[i])
+                    input_ids[r, :n] = ids[i]
+                    mask[r, :n] = 1
+                features = {
+                    "input_ids": torch.from_numpy(input_ids).to(device),
+                    "attention_mask": torch.from_numpy(mask).to(device),
+                }
+                if self.token_types:
+                    features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+                emb = self.model(features)["sentence_embedding"]
+                vectors = emb.float().cpu().numpy()
+                if out is None:
+                    out = np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
+                out[rows] = vectors
+        assert out is not None  # callers pass at least one text (LocalEmbedder._vectors)
+        return out
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -570,7 +614,10 @@ class _OnnxModel:
         encodings = self.tokenizer.encode_batch(texts)
         return self.encode_ids([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 
-    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+    reads_ids = True
+
+    def encode_ids(self, ids: list[np.ndarray], batch_size: int = 1) -> np.ndarray:
+        # one text per call (see the class's note): batch_size does not apply
         # longest first, so the last texts to finish are short ones and no core idles long
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         vectors = list(self._pool.map(lambda i: self._one(ids[i]), order))

@@ -204,7 +204,7 @@ def ingest_with(params: IngestParams) -> IngestReport:
         # the pipeline's threads hand the GIL to each other promptly (tasks.concurrency)
         with prompt_gil_handoffs():
             if params.runner == "ray" and plan.to_process:
-                ray_step = ingest_on_ray(quote(run), quote(plan))
+                ray_step = ingest_on_ray(run, plan)
                 logger.info(
                     "ray: %d fragments in one commit (table version %d -> %d)",
                     ray_step["fragments"],

@@ -49,9 +49,12 @@
 #   PREFECT_HOME Prefect's database folder (default: one in the temporary folder)
 # Offline: point pip at a wheelhouse with the usual variables, e.g.
 #   PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels bash benchmarks/gpu_smoke.sh
-# (the wheelhouse needs setuptools>=77 too: the editable install builds in isolation).
-#
-# Written and syntax-checked (bash -n) on a machine without a GPU: it has not been run there.
+# (the wheelhouse needs setuptools>=77 too: the editable install builds in isolation). On an
+# image that already has CUDA torch and sentence-transformers (NGC, a cloud's deep-learning
+# image), install into its environment and bring the model as a folder:
+#   VENV=$(python3 -c 'import sys; print(sys.prefix)') EXTRAS= MODEL=/models/all-MiniLM-L6-v2 \
+#   PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels bash benchmarks/gpu_smoke.sh
+# (how it ran on an NVIDIA H200, 2026-11-29: README, "GPU smoke benchmark").
 
 set -euo pipefail
 

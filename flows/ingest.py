@@ -159,7 +159,7 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
         try:
             while ahead:
                 count, prepared = ahead.popleft()
-                outcomes = prepared.result()
+                outcomes = prepared.result().outcomes
                 refill()
                 batch = embed_chunks(quote(run), quote(outcomes))
                 finish_write()  # the previous batch's commits come first

@@ -9,6 +9,7 @@ I/O happens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -95,14 +96,24 @@ def list_documents(run: IngestRun) -> Plan:
     return plan
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """One batch read, parsed and chunked. Prefect links a task's state to each object of
+    its result, one level down, in a map that lives as long as the flow run: wrapped, a batch
+    adds two entries to it (this and the list), not one per document, so the map does not
+    grow with the corpus."""
+
+    outcomes: list[DocOutcome]
+
+
 @_io_task("prepare_documents")
-def prepare_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> list[DocOutcome]:
+def prepare_documents(run: IngestRun, items: Sequence[dict[str, Any]]) -> PreparedBatch:
     """Read, parse and chunk one batch (the default runner runs it ahead of the embedder)."""
     max_bytes = int(run.params.source.max_file_mb * 2**20)
     outcomes = read_and_parse(items, run.source, max_bytes)
     if any(o.parsed is not None for o in outcomes):
         chunk_outcomes(outcomes, run.chunker)
-    return outcomes
+    return PreparedBatch(outcomes)
 
 
 @_io_task("embed_chunks")

@@ -308,3 +308,34 @@ def test_prefect_does_not_walk_the_chunks_of_a_batch(tmp_path, monkeypatch):
     # quoted: fewer than one more visit per extra chunk (Prefect still links each document of
     # a task's returned list to its state); walked, as before, it was over 40
     assert big_visits - small_visits < big_chunks - small_chunks
+
+
+def test_prefects_map_of_task_results_does_not_grow_with_the_documents(tmp_path, monkeypatch):
+    """Prefect keeps, for the whole flow run, a map from each object a task returned (one
+    level down) to the task's state. A batch's outcomes are returned wrapped, so that map
+    grows with the batches, not with the documents: 8 times the documents in as many batches
+    add nothing to it."""
+    import flows.ingest as ingest_flow
+    from prefect.context import FlowRunContext
+
+    inner = ingest_flow.refresh_indexes
+    sizes: list[int] = []
+
+    def probe(*args, **kwargs):  # after the pipeline, in the flow run
+        ctx = FlowRunContext.get()
+        assert ctx is not None
+        sizes.append(len(ctx.run_results))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_flow, "refresh_indexes", probe)
+    for per_batch in (5, 40):
+        src = tmp_path / f"src{per_batch}"
+        src.mkdir()
+        for i in range(10 * per_batch):  # 10 batches
+            (src / f"doc{i}.txt").write_text(f"Document {i} of the batch test.")
+        params = _params(
+            src, tmp_path / f"db{per_batch}", embedder={"kind": "hash"}, batch_docs=per_batch
+        )
+        assert run_ingest(params).documents.new == 10 * per_batch
+    small, big = sizes
+    assert big - small < (400 - 50) / 10

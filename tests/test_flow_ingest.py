@@ -315,8 +315,9 @@ def test_prefects_map_of_task_results_does_not_grow_with_the_documents(tmp_path,
     level down) to the task's state. A batch's outcomes are returned wrapped, so that map
     grows with the batches, not with the documents: 8 times the documents in as many batches
     add nothing to it."""
-    import flows.ingest as ingest_flow
     from prefect.context import FlowRunContext
+
+    import flows.ingest as ingest_flow
 
     inner = ingest_flow.refresh_indexes
     sizes: list[int] = []

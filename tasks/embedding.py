@@ -227,6 +227,8 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = 
             encoding_name_for(embedder.model_id), "text-embedding-3-small"
         )
         return Chunker(None, size, chunking.overlap, whole=whole, tiktoken_model=tiktoken_model)
+    from tasks.embedders.local import torch_reads_ids
+
     emb: Any = embedder
     limit = emb.max_tokens
     size = chunking.chunk_tokens or limit
@@ -242,7 +244,7 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = 
     if backend == "auto":
         backend = emb.planned()[1]
     reads_ids = token_ids and (
-        backend.startswith("onnx") or (backend == "torch" and emb.layout.pooling is not None)
+        backend.startswith("onnx") or (backend == "torch" and torch_reads_ids(emb.layout))
     )
     encoder = emb.token_ids if reads_ids else None
     return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder)

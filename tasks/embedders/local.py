@@ -159,6 +159,9 @@ class ModelLayout:
     max_seq_length: int
     pooling: str | None  # 'mean' / 'cls' when ONNX-eligible, else None
     hidden_size: int | None
+    #: sentence-transformers prepends a prompt to every text by default
+    #: (config_sentence_transformers.json's default_prompt_name)
+    default_prompt: bool = False
 
 
 def read_layout(model_dir: Path) -> ModelLayout:
@@ -196,7 +199,9 @@ def read_layout(model_dir: Path) -> ModelLayout:
         elif modes == {"pooling_mode_cls_token"}:
             pooling = "cls"
     hidden = cfg.get("hidden_size") or cfg.get("dim")
-    return ModelLayout(int(max_len), pooling, int(hidden) if hidden else None)
+    st_model_cfg = _read_json(model_dir / "config_sentence_transformers.json")
+    default_prompt = bool(st_model_cfg.get("default_prompt_name"))
+    return ModelLayout(int(max_len), pooling, int(hidden) if hidden else None, default_prompt)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
@@ -338,13 +343,23 @@ class LocalEmbedder:
             if device == "auto" and not _cuda_available_without_torch_import():
                 device = "cpu"
             device = pick_device(device)
-            onnx_ok = self.layout.pooling is not None and _has_onnxruntime()
+            onnx_ok = (
+                self.layout.pooling is not None
+                and not self.layout.default_prompt
+                and _has_onnxruntime()
+            )
             backend = "onnx-int8" if device == "cpu" and onnx_ok else "torch"
         elif backend.startswith("onnx"):
             if self.layout.pooling is None:
                 raise ModelError(
                     f"backend {backend!r} supports transformer + mean/CLS pooling models only; "
                     f"{self.model_id} has other modules. Use --backend torch."
+                )
+            if self.layout.default_prompt:
+                raise ModelError(
+                    f"{self.model_id} prepends a prompt to every text (default_prompt_name in "
+                    f"config_sentence_transformers.json), which backend {backend!r} does not "
+                    "do. Use --backend torch."
                 )
             device = "cpu"
         else:
@@ -414,6 +429,11 @@ def _has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def torch_reads_ids(layout: ModelLayout) -> bool:
+    """Whether the torch backend embeds this model from the chunker's token ids."""
+    return layout.pooling is not None and not layout.default_prompt
+
+
 class _TorchModel:
     def __init__(self, owner: LocalEmbedder, device: str) -> None:
         try:
@@ -429,8 +449,9 @@ class _TorchModel:
         if device == "cuda":
             self.model.half()
         #: a transformer + pooling model reads input ids: lanceflow tokenises (once, in the
-        #: chunker) and batches; other layouts (dense layers, routers) go through encode()
-        self.reads_ids = owner.layout.pooling is not None
+        #: chunker) and batches; other layouts (dense layers, routers) and models with a
+        #: default prompt go through sentence-transformers' encode()
+        self.reads_ids = torch_reads_ids(owner.layout)
         self.tokenizer = owner.input_tokenizer
         hf_tok = getattr(self.model, "tokenizer", None)
         pad = getattr(hf_tok, "pad_token_id", None)

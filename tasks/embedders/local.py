@@ -162,6 +162,9 @@ class ModelLayout:
     #: sentence-transformers prepends a prompt to every text by default
     #: (config_sentence_transformers.json's default_prompt_name)
     default_prompt: bool = False
+    #: sentence-transformers lowercases every text first (sentence_bert_config.json's
+    #: do_lower_case): lanceflow's own tokenising does the same (model_inputs)
+    lowercase: bool = False
 
 
 def read_layout(model_dir: Path) -> ModelLayout:
@@ -201,7 +204,19 @@ def read_layout(model_dir: Path) -> ModelLayout:
     hidden = cfg.get("hidden_size") or cfg.get("dim")
     st_model_cfg = _read_json(model_dir / "config_sentence_transformers.json")
     default_prompt = bool(st_model_cfg.get("default_prompt_name"))
-    return ModelLayout(int(max_len), pooling, int(hidden) if hidden else None, default_prompt)
+    return ModelLayout(
+        int(max_len),
+        pooling,
+        int(hidden) if hidden else None,
+        default_prompt,
+        st_cfg.get("do_lower_case") is True,
+    )
+
+
+def model_inputs(layout: ModelLayout, texts: Sequence[str]) -> list[str]:
+    """The texts as sentence-transformers hands them to the tokenizer (lowercased where the
+    model says so)."""
+    return [t.lower() for t in texts] if layout.lowercase else list(texts)
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
@@ -296,7 +311,8 @@ class LocalEmbedder:
     def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         """The model's input ids of each text (what embed would feed it), for embed_ids."""
         # int32 while they wait in a batch (half the memory); the model reads int64
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.input_tokenizer.encode_batch(texts)]
+        encodings = self.input_tokenizer.encode_batch(model_inputs(self.layout, texts))
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     @cached_property
     def special_tokens(self) -> int:
@@ -452,6 +468,7 @@ class _TorchModel:
         #: chunker) and batches; other layouts (dense layers, routers) and models with a
         #: default prompt go through sentence-transformers' encode()
         self.reads_ids = torch_reads_ids(owner.layout)
+        self.layout = owner.layout
         self.tokenizer = owner.input_tokenizer
         hf_tok = getattr(self.model, "tokenizer", None)
         pad = getattr(hf_tok, "pad_token_id", None)
@@ -461,7 +478,8 @@ class _TorchModel:
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         if self.reads_ids:
-            ids = [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
+            encodings = self.tokenizer.encode_batch(model_inputs(self.layout, texts))
+            ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
             return self.encode_ids(ids, batch_size)
         return np.asarray(
             self.model.encode(
@@ -622,6 +640,7 @@ class _OnnxModel:
         opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.tokenizer = owner.input_tokenizer
+        self.layout = owner.layout
         self.pooling = owner.layout.pooling
         self.workers = _cpu_count()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lanceflow-onnx")
@@ -632,7 +651,7 @@ class _OnnxModel:
         return hidden[0, 0, :] if self.pooling == "cls" else hidden[0].mean(axis=0)
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self.tokenizer.encode_batch(model_inputs(self.layout, texts))
         return self.encode_ids([np.asarray(e.ids, dtype=np.int64) for e in encodings])
 
     reads_ids = True

@@ -468,8 +468,7 @@ class _TorchModel:
         #: chunker) and batches; other layouts (dense layers, routers) and models with a
         #: default prompt go through sentence-transformers' encode()
         self.reads_ids = torch_reads_ids(owner.layout)
-        self.layout = owner.layout
-        self.tokenizer = owner.input_tokenizer
+        self.token_ids = owner.token_ids
         hf_tok = getattr(self.model, "tokenizer", None)
         pad = getattr(hf_tok, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
@@ -478,9 +477,7 @@ class _TorchModel:
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         if self.reads_ids:
-            encodings = self.tokenizer.encode_batch(model_inputs(self.layout, texts))
-            ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-            return self.encode_ids(ids, batch_size)
+            return self.encode_ids(self.token_ids(texts), batch_size)
         return np.asarray(
             self.model.encode(
                 texts,
@@ -639,8 +636,7 @@ class _OnnxModel:
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.tokenizer = owner.input_tokenizer
-        self.layout = owner.layout
+        self.token_ids = owner.token_ids
         self.pooling = owner.layout.pooling
         self.workers = _cpu_count()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lanceflow-onnx")
@@ -651,8 +647,7 @@ class _OnnxModel:
         return hidden[0, 0, :] if self.pooling == "cls" else hidden[0].mean(axis=0)
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(model_inputs(self.layout, texts))
-        return self.encode_ids([np.asarray(e.ids, dtype=np.int64) for e in encodings])
+        return self.encode_ids(self.token_ids(texts))
 
     reads_ids = True
 

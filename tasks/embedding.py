@@ -171,6 +171,30 @@ def build_embedder(
     return get_openai_embedder(settings, resolve_api_key(settings, required=require_key))
 
 
+def prepare_model(settings: EmbedderSettings) -> bool:
+    """Start a local model's one-time ONNX export in a child process (start_onnx_export), for
+    a run about to embed: whether one started. Nothing for other embedders and backends, or
+    when the export is cached; a failure here only logs, and the model's load reports it."""
+    if settings.kind != "local":
+        return False
+    from tasks.embedders.local import get_local_embedder, start_onnx_export
+
+    try:
+        local = get_local_embedder(
+            settings.model,
+            device=settings.device,
+            backend=settings.backend,
+            batch_size=settings.batch_size,
+        )
+        backend = local.planned()[1]
+        if not backend.startswith("onnx"):
+            return False
+        return start_onnx_export(local.model_dir, quantized=backend == "onnx-int8")
+    except Exception as exc:  # the load, which runs next, says what is wrong
+        log.debug("no early ONNX export: %s", exc)
+        return False
+
+
 def resolved_api_key(settings: EmbedderSettings) -> Any:
     """The OpenAI key as a SecretStr, to hand to remote workers (None for other embedders)."""
     if settings.kind != "openai":

@@ -171,3 +171,109 @@ def test_int8_weights_are_8_bit_on_a_vnni_cpu_and_7_bit_elsewhere_in_files_named
         widest[path.name] = max(int(abs(w.astype("int16")).max()) for w in weights)
     assert widest["model_int8_vnni.onnx"] == 127
     assert widest["model_int8_7bit.onnx"] <= 64
+
+
+def test_a_load_waits_for_the_export_another_process_has_under_way(tmp_path, monkeypatch):
+    """One process exports at a time: a load that finds the export lock held waits for the
+    holder's file and uses it, rather than exporting a second time beside it."""
+    import threading
+
+    from tasks.embedders import local
+    from tasks.settings import DEFAULT_MODEL
+
+    monkeypatch.setenv("LANCEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = local.resolve_model_dir(DEFAULT_MODEL)
+    wanted = local.onnx_file(model_dir, quantized=True)
+    wanted.parent.mkdir(parents=True)
+    holding = threading.Event()
+
+    def other_exporter() -> None:
+        with local._export_lock(wanted.parent):  # another open file: flock excludes it too
+            holding.set()
+            time.sleep(1.5)
+            wanted.write_bytes(b"the other exporter's file")
+
+    other = threading.Thread(target=other_exporter)
+    other.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    assert local.export_onnx(model_dir, quantized=True) == wanted
+    other.join()
+    assert time.monotonic() - started >= 1.0  # it waited for the lock
+    assert wanted.read_bytes() == b"the other exporter's file"  # and exported nothing itself
+    assert not (wanted.parent / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("child", ["exports", "fails"])
+def test_a_first_run_exports_the_model_in_a_child_process_and_loads_its_file(tmp_path, child):
+    """prepare_model starts the one-time ONNX export in a child process (the CLI calls it
+    before Prefect's server starts); the model's load waits for that file, so the run's own
+    process never imports torch or transformers. Should the child fail, the load exports
+    the model itself."""
+    script = (
+        "import json, sys\n"
+        + (
+            "sys.executable = '/bin/false'  # a child that fails at once\n"
+            if child == "fails"
+            else ""
+        )
+        + "from tasks.embedding import prepare_model\n"
+        "from tasks.settings import EmbedderSettings\n"
+        "from tasks.embedders.local import get_local_embedder, _EXPORT_CHILDREN\n"
+        "s = EmbedderSettings()\n"
+        "started = prepare_model(s)\n"
+        "again = prepare_model(s)  # one child per file\n"
+        "emb = get_local_embedder(s.model, s.device, s.backend, s.batch_size)\n"
+        "v = emb.embed(['a first run on a fresh machine'])\n"
+        "child = _EXPORT_CHILDREN[0]\n"
+        "print(json.dumps({'started': started, 'again': again, 'backend': emb.backend,\n"
+        "  'child_rc': child.wait(60), 'children': len(_EXPORT_CHILDREN), 'dim': int(v.shape[1]),\n"
+        "  'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules}))\n"
+    )
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(REPO), LANCEFLOW_CACHE_DIR=str(cache))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["started"] is True
+    assert got["backend"] == "onnx-int8" and got["dim"] == 384
+    if child == "exports":
+        assert got["again"] is False and got["children"] == 1
+        assert got["child_rc"] == 0 and got["torch"] is False and got["transformers"] is False
+    else:
+        assert got["child_rc"] != 0 and got["torch"] is True  # the load exported it
+    assert len(list(cache.glob("onnx/*/model_int8_*.onnx"))) == 1
+    assert not list(cache.glob("onnx/*/*.tmp*"))
+
+
+def test_an_onnx_graph_that_kept_the_traced_shape_fails_the_export_check(tmp_path):
+    """A traced export can freeze a shape at the example's (2 texts of 16 tokens); the check
+    runs shapes the trace never saw, so such a graph is rejected (and torch.export used)."""
+    import torch
+
+    from tasks.embedders import local
+
+    class Honest(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(1000, 8)
+
+        def forward(self, input_ids, attention_mask):
+            return self.emb(input_ids) * attention_mask.unsqueeze(-1)
+
+    class Frozen(Honest):
+        def forward(self, input_ids, attention_mask):
+            width = int(input_ids.shape[1])  # a Python int: a constant in the trace
+            return super().forward(input_ids, attention_mask)[:, :width]
+
+    for module, ok in ((Honest().eval(), True), (Frozen().eval(), False)):
+        path = tmp_path / f"{type(module).__name__}.onnx"
+        local._export_traced(module, path)
+        if ok:
+            local._check_export(module, path, vocab=1000)
+        else:
+            with pytest.raises(ValueError, match="differs from the model"):
+                local._check_export(module, path, vocab=1000)

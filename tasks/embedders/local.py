@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ONNX_EXPORT_VERSION = "1"
+_ONNX_EXPORT_VERSION = "2"  # 2: traced export, checked (1: torch.export)
 _BUNDLED_NAMES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}
 
 
@@ -533,37 +533,132 @@ def _fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def export_onnx(model_dir: Path, quantized: bool, vnni: bool | None = None) -> Path:
-    """Export the transformer to ONNX (and quantise it) once; later calls reuse the file.
+def onnx_file(model_dir: Path, quantized: bool, vnni: bool | None = None) -> Path:
+    """The cached file export_onnx makes for this model (it may not exist yet).
     `vnni`: the int8 file for a CPU with (True) or without (False) VNNI; None: this one's."""
     slug = "".join(c if c.isalnum() else "-" for c in model_dir.name)[:40]
     target_dir = cache_dir() / "onnx" / f"{slug}-{_fingerprint(model_dir)}"
-    fp32 = target_dir / "model.onnx"
+    if not quantized:
+        return target_dir / "model.onnx"
     vnni = _cpu_has_vnni() if vnni is None else vnni
     # 8-bit weights where the CPU multiplies int8 with VNNI; elsewhere ONNX Runtime's AVX2
     # kernel sums pairs of products in 16 bits, which can saturate, and its advice is 7-bit
     # weights (`reduce_range`). The files are named apart: a cache filled on one kind of CPU
     # (an image built elsewhere) is not used on the other.
-    int8 = target_dir / ("model_int8_vnni.onnx" if vnni else "model_int8_7bit.onnx")
-    wanted = int8 if quantized else fp32
+    return target_dir / ("model_int8_vnni.onnx" if vnni else "model_int8_7bit.onnx")
+
+
+def export_onnx(
+    model_dir: Path, quantized: bool, vnni: bool | None = None, *, lock_held: bool = False
+) -> Path:
+    """Export the transformer to ONNX (and quantise it) once; later calls reuse the file.
+    One process exports at a time (a file lock in the cache folder): a caller that finds an
+    export under way, such as start_onnx_export's child, waits for its file. `lock_held`:
+    the caller holds that lock already (the child)."""
+    vnni = _cpu_has_vnni() if vnni is None else vnni
+    wanted = onnx_file(model_dir, quantized, vnni)
     if wanted.exists():
         return wanted
+    target_dir = wanted.parent
+    fp32 = target_dir / "model.onnx"
     target_dir.mkdir(parents=True, exist_ok=True)
-    if not fp32.exists():
-        _export_fp32(model_dir, fp32)
-    if quantized and not int8.exists():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    with contextlib.nullcontext() if lock_held else _export_lock(target_dir):
+        if wanted.exists():  # exported while this call waited
+            return wanted
+        for stale in target_dir.glob("*.tmp*.onnx"):  # an export killed part-way
+            stale.unlink(missing_ok=True)
+        if not fp32.exists():
+            _export_fp32(model_dir, fp32)
+        if quantized:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = int8.with_suffix(f".tmp{os.getpid()}.onnx")
-        quantize_dynamic(
-            str(fp32),
-            str(tmp),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=not vnni,
-        )
-        os.replace(tmp, int8)
+            tmp = wanted.with_suffix(f".tmp{os.getpid()}.onnx")
+            quantize_dynamic(
+                str(fp32),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=not vnni,
+            )
+            os.replace(tmp, wanted)
     return wanted
+
+
+def export_wait_seconds() -> float:
+    """How long a model load waits for another process's ONNX export before it fails
+    (LANCEFLOW_EXPORT_WAIT_SECONDS, default 900)."""
+    try:
+        return max(1.0, float(os.environ.get("LANCEFLOW_EXPORT_WAIT_SECONDS", "900")))
+    except ValueError:
+        return 900.0
+
+
+@contextlib.contextmanager
+def _export_lock(target_dir: Path) -> Any:
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + export_wait_seconds()
+    with open(target_dir / "export.lock", "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ModelError(
+                        f"another process has been exporting the model to ONNX in {target_dir} "
+                        f"for {export_wait_seconds():.0f} s (LANCEFLOW_EXPORT_WAIT_SECONDS); "
+                        "if no lanceflow process is running, remove that folder and run again"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_EXPORT_CHILDREN: list[Any] = []  # kept so that each is reaped
+
+
+def start_onnx_export(model_dir: Path, quantized: bool) -> bool:
+    """Start filling the ONNX cache in a child process, so a run's first export overlaps its
+    start-up (Prefect's server, listing, the first batches' chunking) instead of holding up
+    its first embedding, and torch stays out of the run's own memory. Whether a child was
+    started: none when the file is cached or another process is exporting it. This process
+    takes the export lock and hands it to the child, so a load that follows at once waits
+    for the child's file instead of exporting beside it; should the child fail, the lock
+    goes with it and the load exports itself (and reports the error)."""
+    import fcntl
+    import subprocess
+
+    wanted = onnx_file(model_dir, quantized)
+    if wanted.exists():
+        return False
+    wanted.parent.mkdir(parents=True, exist_ok=True)
+    with open(wanted.parent / "export.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # another process is exporting it
+        if wanted.exists():
+            return False
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(model_dir), "--lock-held"]
+        _EXPORT_CHILDREN.append(
+            subprocess.Popen(
+                [*cmd, "--int8"] if quantized else cmd,
+                env=dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else "")),
+                pass_fds=(lock.fileno(),),  # the same open file: the child holds the lock
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # stdout belongs to the CLI's --json output
+                stderr=subprocess.DEVNULL,  # a failure shows again, with its reason, in the load
+            )
+        )
+    # closing this copy leaves the lock with the child until it exits
+    log.info("exporting %s to ONNX in a child process (once; cached)", model_dir)
+    return True
 
 
 def _export_fp32(model_dir: Path, target: Path) -> None:
@@ -581,23 +676,59 @@ def _export_fp32(model_dir: Path, target: Path) -> None:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    ids = torch.ones((2, 16), dtype=torch.long)
-    mask = torch.ones((2, 16), dtype=torch.long)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq")
+    wrapper = _Wrapper(model).eval()
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1000)
     tmp = target.with_suffix(f".tmp{os.getpid()}.onnx")
-    # the exporter prints progress on stdout, which belongs to the CLI's --json output
+    # the exporters print progress on stdout, which belongs to the CLI's --json output
     with contextlib.redirect_stdout(sys.stderr):
-        _torch_export(_Wrapper(model).eval(), ids, mask, batch, seq, tmp)
+        try:
+            # TorchScript tracing: 1.5 s for MiniLM against 9.5 s for torch.export; a traced
+            # graph can hold a shape fixed at the example's, so it must pass the check
+            _export_traced(wrapper, tmp)
+            _check_export(wrapper, tmp, vocab)
+        except Exception as exc:
+            log.info("traced ONNX export of %s not used (%s); using torch.export", model_dir, exc)
+            tmp.unlink(missing_ok=True)
+            _export_dynamo(wrapper, tmp)
+            _check_export(wrapper, tmp, vocab)
     os.replace(tmp, target)
 
 
-def _torch_export(module: Any, ids: Any, mask: Any, batch: Any, seq: Any, tmp: Path) -> None:
+_EXAMPLE = (2, 16)  # the example batch the exporters trace: 2 texts of 16 tokens
+
+
+def _export_traced(module: Any, tmp: Path) -> None:
+    import warnings
+
     import torch
 
+    ids = torch.ones(_EXAMPLE, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings; the check decides
+        torch.onnx.export(
+            module,
+            (ids, torch.ones_like(ids)),
+            str(tmp),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def _export_dynamo(module: Any, tmp: Path) -> None:
+    import torch
+
+    ids = torch.ones(_EXAMPLE, dtype=torch.long)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq")
     torch.onnx.export(
         module,
-        (ids, mask),
+        (ids, torch.ones_like(ids)),
         str(tmp),
         input_names=["input_ids", "attention_mask"],
         output_names=["last_hidden_state"],
@@ -605,6 +736,29 @@ def _torch_export(module: Any, ids: Any, mask: Any, batch: Any, seq: Any, tmp: P
         dynamo=True,
         external_data=False,
     )
+
+
+def _check_export(module: Any, path: Path, vocab: int) -> None:
+    """The exported graph gives the model's own output for shapes the export did not trace
+    (one short text; three longer ones, one of them padded); ValueError if not."""
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    for rows, width in ((1, 5), (3, 41)):
+        ids = torch.randint(min(vocab, 100), min(vocab, 1000), (rows, width), generator=gen)
+        mask = torch.ones_like(ids)
+        if rows > 1:
+            mask[-1, width // 2 :] = 0
+        with torch.no_grad():
+            want = module(ids, mask).numpy()
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
+            worst = float(np.abs(got - want).max()) if got.shape == want.shape else got.shape
+            raise ValueError(f"the ONNX graph's output differs from the model's ({worst})")
 
 
 def _cpu_count() -> int:

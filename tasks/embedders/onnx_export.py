@@ -1,6 +1,6 @@
 """The child process of start_onnx_export: fill the ONNX cache for one model and exit.
 
-python -m tasks.embedders.onnx_export MODEL_DIR [--int8]
+python -m tasks.embedders.onnx_export MODEL_DIR [--int8] [--lock-held]
 """
 
 from __future__ import annotations

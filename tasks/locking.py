@@ -29,7 +29,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tasks.errors import TableBusyError
 
@@ -101,30 +102,44 @@ def lock_mode() -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(name: str, location: str, deadline: float) -> Iterator[None]:
+def hold_file_lock(
+    path: Path, deadline: float, busy: Callable[[], Exception], poll_seconds: float = 0.5
+) -> Iterator[None]:
+    """An exclusive OS file lock on `path` (released by the kernel when the process dies),
+    waited for until `deadline` (time.monotonic); then `busy()` is raised."""
     import fcntl
 
-    from tasks.embedders.local import cache_dir
-
-    folder = cache_dir() / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{name}.lock", "a+") as fh:
+    with open(path, "a+") as fh:
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TableBusyError(
-                        f"{location} is being written by another process on this machine "
-                        f"(file lock {fh.name}); waited {wait_seconds():.0f} s "
-                        "(LANCEFLOW_LOCK_WAIT_SECONDS)"
-                    ) from None
-                time.sleep(0.5)
+                    raise busy() from None
+                time.sleep(poll_seconds)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _file_lock(name: str, location: str, deadline: float) -> Iterator[None]:
+    from tasks.embedders.local import cache_dir
+
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.lock"
+
+    def busy() -> TableBusyError:
+        return TableBusyError(
+            f"{location} is being written by another process on this machine "
+            f"(file lock {path}); waited {wait_seconds():.0f} s (LANCEFLOW_LOCK_WAIT_SECONDS)"
+        )
+
+    with hold_file_lock(path, deadline, busy):
+        yield
 
 
 @contextlib.contextmanager

@@ -271,7 +271,7 @@ def test_an_onnx_graph_that_kept_the_traced_shape_fails_the_export_check(tmp_pat
 
     for module, ok in ((Honest().eval(), True), (Frozen().eval(), False)):
         path = tmp_path / f"{type(module).__name__}.onnx"
-        local._export_traced(module, path)
+        local._export_graph(module, path, traced=True)
         if ok:
             local._check_export(module, path, vocab=1000)
         else:

@@ -595,27 +595,20 @@ def export_wait_seconds() -> float:
 
 @contextlib.contextmanager
 def _export_lock(target_dir: Path) -> Any:
-    import fcntl
     import time
 
+    from tasks.locking import hold_file_lock
+
+    def busy() -> ModelError:
+        return ModelError(
+            f"another process has been exporting the model to ONNX in {target_dir} "
+            f"for {export_wait_seconds():.0f} s (LANCEFLOW_EXPORT_WAIT_SECONDS); "
+            "if no lanceflow process is running, remove that folder and run again"
+        )
+
     deadline = time.monotonic() + export_wait_seconds()
-    with open(target_dir / "export.lock", "a+") as fh:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ModelError(
-                        f"another process has been exporting the model to ONNX in {target_dir} "
-                        f"for {export_wait_seconds():.0f} s (LANCEFLOW_EXPORT_WAIT_SECONDS); "
-                        "if no lanceflow process is running, remove that folder and run again"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with hold_file_lock(target_dir / "export.lock", deadline, busy, poll_seconds=0.1):
+        yield
 
 
 _EXPORT_CHILDREN: list[Any] = []  # kept so that each is reaped
@@ -684,57 +677,47 @@ def _export_fp32(model_dir: Path, target: Path) -> None:
         try:
             # TorchScript tracing: 1.5 s for MiniLM against 9.5 s for torch.export; a traced
             # graph can hold a shape fixed at the example's, so it must pass the check
-            _export_traced(wrapper, tmp)
+            _export_graph(wrapper, tmp, traced=True)
             _check_export(wrapper, tmp, vocab)
         except Exception as exc:
             log.info("traced ONNX export of %s not used (%s); using torch.export", model_dir, exc)
             tmp.unlink(missing_ok=True)
-            _export_dynamo(wrapper, tmp)  # symbolic shapes: nothing held at the example's
+            # torch.export's shapes are symbolic: nothing is held at the example's
+            _export_graph(wrapper, tmp, traced=False)
     os.replace(tmp, target)
 
 
 _EXAMPLE = (2, 16)  # the example batch the exporters trace: 2 texts of 16 tokens
 
 
-def _export_traced(module: Any, tmp: Path) -> None:
+def _export_graph(module: Any, tmp: Path, traced: bool) -> None:
+    """torch.onnx.export with dynamic batch and sequence axes: TorchScript tracing (`traced`)
+    or torch.export."""
     import warnings
 
     import torch
 
     ids = torch.ones(_EXAMPLE, dtype=torch.long)
+    names = ("input_ids", "attention_mask")
+    shapes: dict[str, Any]
+    if traced:
+        axes = {0: "batch", 1: "seq"}
+        shapes = {"dynamic_axes": {n: axes for n in names}, "opset_version": 17}
+    else:
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+        shapes = {"dynamic_shapes": {n: dims for n in names}, "external_data": False}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings; the check decides
+        if traced:  # tracer and deprecation warnings; the check decides
+            warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (ids, torch.ones_like(ids)),
             str(tmp),
-            input_names=["input_ids", "attention_mask"],
+            input_names=list(names),
             output_names=["last_hidden_state"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "seq"},
-                "attention_mask": {0: "batch", 1: "seq"},
-            },
-            opset_version=17,
-            dynamo=False,
+            dynamo=not traced,
+            **shapes,
         )
-
-
-def _export_dynamo(module: Any, tmp: Path) -> None:
-    import torch
-
-    ids = torch.ones(_EXAMPLE, dtype=torch.long)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq")
-    torch.onnx.export(
-        module,
-        (ids, torch.ones_like(ids)),
-        str(tmp),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        dynamo=True,
-        external_data=False,
-    )
 
 
 def _check_export(module: Any, path: Path, vocab: int) -> None:

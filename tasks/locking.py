@@ -68,7 +68,9 @@ def lock_name(uri: str) -> str:
     return LOCK_PREFIX + digest
 
 
-def _env_seconds(name: str, default: float, minimum: float) -> float:
+def env_seconds(name: str, default: float, minimum: float) -> float:
+    """Seconds from an environment variable, at least `minimum`; `default` when unset or
+    not a number."""
     raw = os.environ.get(name, "")
     try:
         return max(float(raw), minimum) if raw else default
@@ -77,14 +79,14 @@ def _env_seconds(name: str, default: float, minimum: float) -> float:
 
 
 def lease_seconds() -> float:
-    return _env_seconds("LANCEFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, 60.0)
+    return env_seconds("LANCEFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, 60.0)
 
 
 DEFAULT_WAIT_SECONDS = 6 * 3600.0
 
 
 def wait_seconds() -> float:
-    return _env_seconds("LANCEFLOW_LOCK_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 1.0)
+    return env_seconds("LANCEFLOW_LOCK_WAIT_SECONDS", DEFAULT_WAIT_SECONDS, 1.0)
 
 
 def lock_mode() -> str:

@@ -587,10 +587,9 @@ def export_onnx(
 def export_wait_seconds() -> float:
     """How long a model load waits for another process's ONNX export before it fails
     (LANCEFLOW_EXPORT_WAIT_SECONDS, default 900)."""
-    try:
-        return max(1.0, float(os.environ.get("LANCEFLOW_EXPORT_WAIT_SECONDS", "900")))
-    except ValueError:
-        return 900.0
+    from tasks.locking import env_seconds
+
+    return env_seconds("LANCEFLOW_EXPORT_WAIT_SECONDS", 900.0, 1.0)
 
 
 @contextlib.contextmanager

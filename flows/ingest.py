@@ -7,7 +7,6 @@ a UI form or a trigger can override `table` alone: Prefect merges run parameters
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import deque
@@ -20,7 +19,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 from tqdm import tqdm
 
-from tasks.concurrency import prompt_gil_handoffs
+from tasks.concurrency import prompt_gil_handoffs, usable_cores
 from tasks.crashpoints import pause_point
 from tasks.embedding import prepare_model
 from tasks.locking import table_lock
@@ -63,10 +62,7 @@ def prefetch_batches(cores: int | None = None) -> int:
     thread chunks, is fed by several; memory stays bounded (at most this many batches of
     --batch-docs documents and --batch-mb bytes ahead), whatever the corpus size."""
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 2
+        cores = usable_cores()
     return max(2, min(8, cores // 2))
 
 

@@ -17,6 +17,7 @@ and restored when the last one ends.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -47,3 +48,12 @@ def prompt_gil_handoffs(interval: float = PIPELINE_SWITCH_INTERVAL) -> Iterator[
             _active -= 1
             if _active == 0:
                 sys.setswitchinterval(_saved)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's or
+    `taskset`'s limit narrows), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.concurrency import usable_cores
 from tasks.embedders.base import normalize
 from tasks.errors import ModelError
 from tasks.settings import DEFAULT_MODEL
@@ -743,13 +744,6 @@ def _check_export(module: Any, path: Path, vocab: int) -> None:
             raise ValueError(f"the ONNX graph's output differs from the model's ({worst})")
 
 
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 class _OnnxModel:
     """int8 (or fp32) ONNX Runtime on the CPU.
 
@@ -774,7 +768,7 @@ class _OnnxModel:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.token_ids = owner.token_ids
         self.pooling = owner.layout.pooling
-        self.workers = _cpu_count()
+        self.workers = usable_cores()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lanceflow-onnx")
 
     def _one(self, ids: np.ndarray) -> np.ndarray:

@@ -427,6 +427,13 @@ def _ingest(args: argparse.Namespace) -> int:
         return 0
     code = 0
     try:
+        if params.runner == "local":
+            from tasks.embedding import prepare_model
+
+            # a first ONNX export's torch stage runs while this process is still small (no
+            # LanceDB, no Prefect server yet), so the two peaks do not add up; its
+            # quantisation overlaps the no-change check and Prefect's start-up
+            prepare_model(params.embedder, wait_for_graph=True)
         from tasks.locking import table_lock
         from tasks.runs import quick_check
 
@@ -437,10 +444,7 @@ def _ingest(args: argparse.Namespace) -> int:
                 report = quick_check(params)
         if report is None:
             from flows.ingest import run_ingest
-            from tasks.embedding import prepare_model
 
-            if params.runner == "local":
-                prepare_model(params.embedder)  # a first export overlaps Prefect's start-up
             report = run_ingest(params)
     except TooManyFailuresError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)

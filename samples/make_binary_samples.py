@@ -1,6 +1,6 @@
 """Regenerate the PDF and DOCX files of the sample corpus (committed; run only to change them).
 
-    python samples/make_binary_samples.py
+python samples/make_binary_samples.py
 """
 
 from pathlib import Path
@@ -45,7 +45,10 @@ def make_docx(path: Path) -> None:
     d.add_heading("원격 근무 지침", level=1)
     d.add_paragraph("모든 직원은 일주일에 최대 이틀까지 재택근무를 할 수 있습니다.")
     d.add_heading("근무 시간", level=2)
-    d.add_paragraph("핵심 근무 시간은 오전 열 시부터 오후 네 시까지이며 이 시간에는 메신저에 접속해 있어야 합니다.")
+    d.add_paragraph(
+        "핵심 근무 시간은 오전 열 시부터 오후 네 시까지이며 "
+        "이 시간에는 메신저에 접속해 있어야 합니다."
+    )
     d.add_heading("장비 지원", level=2)
     d.add_paragraph("회사는 모니터와 키보드를 지원하며 인터넷 요금의 절반을 보조합니다.")
     d.save(str(path))

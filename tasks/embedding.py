@@ -171,10 +171,12 @@ def build_embedder(
     return get_openai_embedder(settings, resolve_api_key(settings, required=require_key))
 
 
-def prepare_model(settings: EmbedderSettings) -> bool:
+def prepare_model(settings: EmbedderSettings, *, wait_for_graph: bool = False) -> bool:
     """Start a local model's one-time ONNX export in a child process (start_onnx_export), for
     a run about to embed: whether one started. Nothing for other embedders and backends, or
-    when the export is cached; a failure here only logs, and the model's load reports it."""
+    when the export is cached; a failure here only logs, and the model's load reports it.
+    `wait_for_graph`: as start_onnx_export's (a caller that has not loaded the table's
+    libraries yet, such as the CLI, keeps the export's peak apart from its own)."""
     if settings.kind != "local":
         return False
     from tasks.embedders.local import get_local_embedder, start_onnx_export
@@ -189,7 +191,9 @@ def prepare_model(settings: EmbedderSettings) -> bool:
         backend = local.planned()[1]
         if not backend.startswith("onnx"):
             return False
-        return start_onnx_export(local.model_dir, quantized=backend == "onnx-int8")
+        return start_onnx_export(
+            local.model_dir, quantized=backend == "onnx-int8", wait_for_graph=wait_for_graph
+        )
     except Exception as exc:  # the load, which runs next, says what is wrong
         log.debug("no early ONNX export: %s", exc)
         return False

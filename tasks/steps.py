@@ -20,6 +20,7 @@ from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
 from tasks.embedding import EmbeddedBatch
 from tasks.errors import LanceflowError
 from tasks.identity import doc_key
+from tasks.memory import release_free_heap
 from tasks.plan import RECORDS_MARKER, Plan
 from tasks.report import Failure, IngestReport
 from tasks.runs import (
@@ -133,6 +134,7 @@ def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatc
         run.report.merge(counts)  # only after both commits: a retry never counts twice
     if batch.rows is not None:  # every vector of the batch is in the table now
         run.committed.put(batch.rows.column("text_hash").to_pylist())
+    release_free_heap()  # the batch's freed buffers go back to the OS (tasks.memory)
 
 
 @_io_task("stream_documents")

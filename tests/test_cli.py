@@ -207,9 +207,10 @@ def test_a_load_waits_for_the_export_another_process_has_under_way(tmp_path, mon
 @pytest.mark.parametrize("child", ["exports", "fails"])
 def test_a_first_run_exports_the_model_in_a_child_process_and_loads_its_file(tmp_path, child):
     """prepare_model starts the one-time ONNX export in a child process (the CLI calls it
-    before Prefect's server starts); the model's load waits for that file, so the run's own
-    process never imports torch or transformers. Should the child fail, the load exports
-    the model itself."""
+    before it loads LanceDB or starts Prefect's server, and waits for the torch stage: the
+    fp32 graph); the model's load waits for the quantised file, so the run's own process
+    never imports torch or transformers. Should the child fail, the wait ends with it and
+    the load exports the model itself."""
     script = (
         "import json, sys\n"
         + (
@@ -219,14 +220,16 @@ def test_a_first_run_exports_the_model_in_a_child_process_and_loads_its_file(tmp
         )
         + "from tasks.embedding import prepare_model\n"
         "from tasks.settings import EmbedderSettings\n"
-        "from tasks.embedders.local import get_local_embedder, _EXPORT_CHILDREN\n"
+        "from tasks.embedders.local import get_local_embedder, onnx_file, _EXPORT_CHILDREN\n"
         "s = EmbedderSettings()\n"
-        "started = prepare_model(s)\n"
-        "again = prepare_model(s)  # one child per file\n"
+        "started = prepare_model(s, wait_for_graph=True)  # as the CLI calls it\n"
         "emb = get_local_embedder(s.model, s.device, s.backend, s.batch_size)\n"
+        "graph = onnx_file(emb.model_dir, quantized=False).exists()\n"
+        "again = prepare_model(s)  # one child per file\n"
         "v = emb.embed(['a first run on a fresh machine'])\n"
         "child = _EXPORT_CHILDREN[0]\n"
         "print(json.dumps({'started': started, 'again': again, 'backend': emb.backend,\n"
+        "  'graph': graph,\n"
         "  'child_rc': child.wait(60), 'children': len(_EXPORT_CHILDREN), 'dim': int(v.shape[1]),\n"
         "  'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules}))\n"
     )
@@ -243,7 +246,9 @@ def test_a_first_run_exports_the_model_in_a_child_process_and_loads_its_file(tmp
     if child == "exports":
         assert got["again"] is False and got["children"] == 1
         assert got["child_rc"] == 0 and got["torch"] is False and got["transformers"] is False
+        assert got["graph"] is True  # the wait ended with the torch stage done
     else:
+        assert got["graph"] is False  # the wait ended with the failed child
         assert got["child_rc"] != 0 and got["torch"] is True  # the load exported it
     assert len(list(cache.glob("onnx/*/model_int8_*.onnx"))) == 1
     assert not list(cache.glob("onnx/*/*.tmp*"))

@@ -614,14 +614,20 @@ def _export_lock(target_dir: Path) -> Any:
 _EXPORT_CHILDREN: list[Any] = []  # kept so that each is reaped
 
 
-def start_onnx_export(model_dir: Path, quantized: bool) -> bool:
+def start_onnx_export(model_dir: Path, quantized: bool, *, wait_for_graph: bool = False) -> bool:
     """Start filling the ONNX cache in a child process, so a run's first export overlaps its
     start-up (Prefect's server, listing, the first batches' chunking) instead of holding up
     its first embedding, and torch stays out of the run's own memory. Whether a child was
     started: none when the file is cached or another process is exporting it. This process
     takes the export lock and hands it to the child, so a load that follows at once waits
     for the child's file instead of exporting beside it; should the child fail, the lock
-    goes with it and the load exports itself (and reports the error)."""
+    goes with it and the load exports itself (and reports the error).
+
+    `wait_for_graph`: return once the child's torch stage is over (the fp32 graph written,
+    or the child gone), for a caller that is still small: the export's peak (torch, the
+    model and the traced graph, about 0.75 GB for MiniLM) then does not stack on the run's
+    start-up (the table's libraries, Prefect's server); the quantisation, a third of that,
+    still overlaps it."""
     import fcntl
     import subprocess
 
@@ -639,18 +645,24 @@ def start_onnx_export(model_dir: Path, quantized: bool) -> bool:
         root = str(Path(__file__).resolve().parents[2])
         path = os.environ.get("PYTHONPATH")
         cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(model_dir), "--lock-held"]
-        _EXPORT_CHILDREN.append(
-            subprocess.Popen(
-                [*cmd, "--int8"] if quantized else cmd,
-                env=dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else "")),
-                pass_fds=(lock.fileno(),),  # the same open file: the child holds the lock
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # stdout belongs to the CLI's --json output
-                stderr=subprocess.DEVNULL,  # a failure shows again, with its reason, in the load
-            )
+        child = subprocess.Popen(
+            [*cmd, "--int8"] if quantized else cmd,
+            env=dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else "")),
+            pass_fds=(lock.fileno(),),  # the same open file: the child holds the lock
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # stdout belongs to the CLI's --json output
+            stderr=subprocess.DEVNULL,  # a failure shows again, with its reason, in the load
         )
+        _EXPORT_CHILDREN.append(child)
     # closing this copy leaves the lock with the child until it exits
     log.info("exporting %s to ONNX in a child process (once; cached)", model_dir)
+    if wait_for_graph:
+        import time
+
+        fp32 = onnx_file(model_dir, quantized=False)
+        deadline = time.monotonic() + export_wait_seconds()  # past it, the load's wait decides
+        while child.poll() is None and not fp32.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     return True
 
 

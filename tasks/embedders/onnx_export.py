@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -19,8 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from tasks.embedders.local import export_onnx
+    from tasks.embedders.local import export_onnx, onnx_file
 
+    if args.int8 and not onnx_file(args.model_dir, quantized=False).exists():
+        # the fp32 export in a process of its own, which exits before this one quantises: the
+        # export's peak (torch, the model, the traced graph) and the quantiser's do not stack
+        cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(args.model_dir)]
+        subprocess.run([*cmd, "--lock-held"] if args.lock_held else cmd, check=True)
     export_onnx(args.model_dir, quantized=args.int8, lock_held=args.lock_held)
     return 0
 

@@ -501,3 +501,74 @@ def test_a_failed_compaction_still_builds_the_indexes_and_says_so(
     assert {"text_idx", "vector_idx", "chunk_id_idx"} <= set(done["indexes"])
     assert "OSError: object store said no" in caplog.text
     assert len(store.chunks_table().to_lance().get_fragments()) < 3  # optimize compacted
+
+
+def _indexed_store(path, fake_embedder, chunker) -> Store:
+    store = Store(str(path))
+    store.chunks(TableModel(fake_embedder.model_id, 16, "local"))
+    for n in range(4):
+        docs = [
+            _outcome(f"d{n}-{i}.md", f"Document {n}.{i} about topic {n * 5 + i}. " * 12, chunker)
+            for i in range(4)
+        ]
+        write_batch(store, docs, embed_outcomes(docs, fake_embedder, store, "local", SRC).rows, SRC)
+    return store
+
+
+def test_a_vector_index_built_beside_the_text_indexes_makes_the_same_indexes(
+    tmp_path, fake_embedder, chunker, monkeypatch
+):
+    """concurrent=True builds the IVF-PQ index in a second thread while the full-text and
+    key indexes are built: the same indexes and rows as one after another, the vector
+    build's seconds reported, and the refresh's own wall time (the steps overlap)."""
+    import threading
+
+    import numpy as np
+
+    import tasks.store as store_module
+
+    threads: list[str] = []
+    real = store_module.Store._build_vector_index
+
+    def spy(self, tbl):
+        threads.append(threading.current_thread().name)
+        return real(self, tbl)
+
+    monkeypatch.setattr(store_module.Store, "_build_vector_index", spy)
+    results = {}
+    for concurrent in (False, True):
+        store = _indexed_store(tmp_path / f"db-{concurrent}", fake_embedder, chunker)
+        done = store.refresh_indexes(1, None, changed=True, concurrent=concurrent)
+        assert {"text_idx", "text_cjk_idx", "vector_idx"} <= set(done["indexes"])
+        assert done["seconds"]["vector_idx"] > 0 and done["wall_s"] > 0
+        tbl = store.chunks_table()
+        vec = np.asarray(tbl.to_arrow().column("vector")[3].as_py(), dtype=np.float32)
+        top = tbl.search(vec, vector_column_name="vector").limit(1).to_list()[0]["chunk_id"]
+        results[concurrent] = (done["indexes"], tbl.to_arrow().sort_by("chunk_id"), top)
+    assert threads[0] == threading.main_thread().name
+    assert threads[1].startswith("lanceflow-vector-index")
+    assert results[True][0] == results[False][0]
+    assert results[True][1].equals(results[False][1]) and results[True][2] == results[False][2]
+
+
+def test_a_failed_vector_build_beside_the_text_indexes_fails_the_refresh_after_them(
+    tmp_path, fake_embedder, chunker, monkeypatch
+):
+    """The error of the vector build in the second thread is the refresh's; the text indexes
+    were finished first (nothing is left running), and a next refresh builds the vector index."""
+    from lancedb.table import LanceTable
+
+    real = LanceTable.create_index
+
+    def refuse(self, *args, **kwargs):
+        raise OSError("disk full while writing the IVF-PQ index")
+
+    store = _indexed_store(tmp_path / "db", fake_embedder, chunker)
+    monkeypatch.setattr(LanceTable, "create_index", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        store.refresh_indexes(1, cleanup_older_than=None, changed=True, concurrent=True)
+    names = store.index_names()
+    assert {"text_idx", "text_cjk_idx"} <= names and "vector_idx" not in names
+    monkeypatch.setattr(LanceTable, "create_index", real)
+    done = store.refresh_indexes(1, cleanup_older_than=None, changed=True, concurrent=True)
+    assert "vector_idx" in done["indexes"]

@@ -252,14 +252,6 @@ class StoreOptions(_Model):
         description="Earlier index generations kept after a --reindex switch, for rollback "
         "(`lanceflow generations --activate N`); older ones are dropped.",
     )
-    parallel_index_builds: bool | None = Field(
-        None,
-        description="Build a new vector index beside the full-text and key indexes (with two "
-        "cores or more): the refresh that ends a run finishes sooner, and the builds' memory "
-        "adds up. Unset: on with runner 'ray', whose memory peak is the pipeline on the "
-        "cluster; off on the default runner, whose peak is the refresh (set it false for a "
-        "Ray driver on a small machine).",
-    )
 
 
 class StoreSettings(StoreOptions):

@@ -16,7 +16,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.concurrency import usable_cores
 from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
 from tasks.embedding import EmbeddedBatch
 from tasks.errors import LanceflowError
@@ -213,17 +212,12 @@ def delete_documents(run: IngestRun, plan: Plan) -> int:
 @_io_task("refresh_indexes")
 def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
     s = run.params.store
-    concurrent = s.parallel_index_builds
-    if concurrent is None:
-        concurrent = run.params.runner == "ray"
     done = run.store.refresh_indexes(
-        s.vector_index_min_rows,
-        timedelta(days=s.cleanup_older_than_days),
-        changed,
-        concurrent=concurrent and usable_cores() >= 2,
+        s.vector_index_min_rows, timedelta(days=s.cleanup_older_than_days), changed
     )
-    if done.get("seconds"):  # set, not added: a retried refresh counts its last attempt
-        run.report.stage_seconds["indexes"] = done["wall_s"]
+    steps = done.get("seconds", {})
+    if steps:  # set, not added: a retried refresh counts its last attempt
+        run.report.stage_seconds["indexes"] = round(sum(steps.values()), 3)
     return done
 
 

@@ -18,8 +18,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -681,27 +679,17 @@ class Store:
         return {"text_idx", "text_cjk_idx"} <= names
 
     def refresh_indexes(
-        self,
-        vector_index_min_rows: int,
-        cleanup_older_than: timedelta | None,
-        changed: bool,
-        *,
-        concurrent: bool = False,
+        self, vector_index_min_rows: int, cleanup_older_than: timedelta | None, changed: bool
     ) -> dict[str, Any]:
         """Create missing indexes, fold new rows into existing ones, compact and prune.
-        Returns the indexes, those created, the row count, each step's wall seconds
+        Returns the indexes, those created, the row count and each step's wall seconds
         (`seconds`: compaction, text_idx, text_cjk_idx, key_indexes, vector_idx, optimize,
-        upkeep; a step with nothing to do is absent) and the whole refresh's (`wall_s`).
-
-        `concurrent`: a new vector index is built beside the full-text and key indexes, in a
-        second thread (their steps' seconds then overlap). Each full-text or key index build
-        keeps about one core busy, so on two cores this ends the refresh sooner
-        (benchmarks/ray_scale.py); the two builds' memory adds up."""
+        upkeep; a step with nothing to do is absent)."""
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
         seconds: dict[str, float] = {}
-        started = clock = time.perf_counter()
+        clock = time.perf_counter()
 
         def lap(step: str) -> None:
             nonlocal clock
@@ -717,49 +705,6 @@ class Store:
         names = self.index_names()  # after the compaction, which remaps them
         created: list[str] = []
         rows = tbl.count_rows()
-        build_vector = "vector_idx" not in names and rows >= vector_index_min_rows
-        beside = None
-        if build_vector and concurrent:
-            pool = ThreadPoolExecutor(1, thread_name_prefix="lanceflow-vector-index")
-            beside = pool.submit(self._build_vector_index, tbl)
-            pool.shutdown(wait=False)  # the thread ends with its one build
-        try:
-            self._build_text_and_key_indexes(tbl, names, rows, created, lap)
-        finally:
-            if beside is not None:
-                futures_wait([beside])  # no build is left running behind an error
-        if beside is not None:
-            seconds["vector_idx"] = beside.result()  # raises the build's error
-            created.append("vector_idx")
-        elif build_vector:
-            seconds["vector_idx"] = self._build_vector_index(tbl)
-            created.append("vector_idx")
-        clock = time.perf_counter()
-        if changed:
-            # folding new rows into the indexes, pruning old versions (compacted above)
-            optimize(tbl, cleanup_older_than)
-            release_free_heap()
-            lap("optimize")
-            self.upkeep(cleanup_older_than)
-            lap("upkeep")
-        return {
-            "indexes": sorted(self.index_names()),
-            "created": created,
-            "rows": rows,
-            "seconds": seconds,
-            "wall_s": round(time.perf_counter() - started, 3),
-        }
-
-    def _build_vector_index(self, tbl: Any) -> float:
-        """The IVF-PQ index (LanceDB's defaults: about sqrt(rows) partitions); its seconds."""
-        clock = time.perf_counter()
-        tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
-        release_free_heap()
-        return round(time.perf_counter() - clock, 3)
-
-    def _build_text_and_key_indexes(
-        self, tbl: Any, names: set[str], rows: int, created: list[str], lap: Any
-    ) -> None:
         if "text_idx" not in names:
             tbl.create_fts_index(
                 "text",
@@ -794,6 +739,24 @@ class Store:
                 created.append(f"{column}_idx")
                 lap("key_indexes")
         release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
+        if "vector_idx" not in names and rows >= vector_index_min_rows:
+            tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
+            created.append("vector_idx")
+            release_free_heap()
+            lap("vector_idx")
+        if changed:
+            # folding new rows into the indexes, pruning old versions (compacted above)
+            optimize(tbl, cleanup_older_than)
+            release_free_heap()
+            lap("optimize")
+            self.upkeep(cleanup_older_than)
+            lap("upkeep")
+        return {
+            "indexes": sorted(self.index_names()),
+            "created": created,
+            "rows": rows,
+            "seconds": seconds,
+        }
 
     def _compact(self, tbl: Any) -> None:
         """`compact_fragments`; should it fail, the indexes are built all the same and

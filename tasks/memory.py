@@ -69,8 +69,8 @@ def release_free_heap() -> bool:
     refresh (1.46 M rows: 563 MiB left; trimmed between the calls, 19-49 MiB, and a lower
     peak: benchmarks/index_memory.py). The pipeline trims after each batch's write too: a
     first run's RSS before the refresh, 30,000 generated documents, 567-571 MiB untrimmed and
-    524 trimmed (benchmarks/ray_scale.py, 100k over 10k documents: 1.113 before, 1.085 with
-    it). About 5 ms a call, in the writing thread. A no-op off glibc."""
+    524 trimmed (benchmarks/ray_scale.py, 100k over 10k documents: 1.113 before, 1.085 and
+    1.099 with it). About 5 ms a call, in the writing thread. A no-op off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

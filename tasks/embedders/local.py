@@ -642,11 +642,12 @@ def start_onnx_export(model_dir: Path, quantized: bool, *, wait_for_graph: bool 
             return False  # another process is exporting it
         if wanted.exists():
             return False
+        from tasks.embedders.onnx_export import export_command
+
         root = str(Path(__file__).resolve().parents[2])
         path = os.environ.get("PYTHONPATH")
-        cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(model_dir), "--lock-held"]
         child = subprocess.Popen(
-            [*cmd, "--int8"] if quantized else cmd,
+            export_command(model_dir, int8=quantized, lock_held=True),
             env=dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else "")),
             pass_fds=(lock.fileno(),),  # the same open file: the child holds the lock
             stdin=subprocess.DEVNULL,

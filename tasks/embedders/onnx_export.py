@@ -12,6 +12,13 @@ import sys
 from pathlib import Path
 
 
+def export_command(model_dir: Path, *, int8: bool, lock_held: bool) -> list[str]:
+    """This module's command line for one model (start_onnx_export's child, and the child's
+    own fp32 stage)."""
+    cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(model_dir)]
+    return cmd + ["--int8"] * int8 + ["--lock-held"] * lock_held
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.embedders.onnx_export")
     ap.add_argument("model_dir", type=Path)
@@ -26,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8 and not onnx_file(args.model_dir, quantized=False).exists():
         # the fp32 export in a process of its own, which exits before this one quantises: the
         # export's peak (torch, the model, the traced graph) and the quantiser's do not stack
-        cmd = [sys.executable, "-m", "tasks.embedders.onnx_export", str(args.model_dir)]
-        subprocess.run([*cmd, "--lock-held"] if args.lock_held else cmd, check=True)
+        fp32_stage = export_command(args.model_dir, int8=False, lock_held=args.lock_held)
+        subprocess.run(fp32_stage, check=True)
     export_onnx(args.model_dir, quantized=args.int8, lock_held=args.lock_held)
     return 0
 

@@ -125,6 +125,13 @@ def _ingest_parser(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="texts per model call")
     p.add_argument("--batch-docs", type=int, default=256, help="documents per write batch")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=15.0,
+        help="default runner: one commit per run, or one each time this many minutes passed "
+        "(a crash loses at most that much work); 0: a commit per batch",
+    )
     g = p.add_argument_group("runner (--runner ray: pip install 'lanceflow[ray]')")
     g.add_argument(
         "--runner",
@@ -394,6 +401,7 @@ def _ingest(args: argparse.Namespace) -> int:
                     "fleet_limit": args.fleet_limit,
                 },
                 "batch_docs": args.batch_docs,
+                "checkpoint_minutes": args.checkpoint_minutes,
                 "runner": args.runner,
                 "ray_address": args.ray_address,
                 "ray_workers": args.ray_workers,

@@ -19,6 +19,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 from tqdm import tqdm
 
+from tasks.commits import ChunkWriter
 from tasks.concurrency import prompt_gil_handoffs, usable_cores
 from tasks.crashpoints import pause_point
 from tasks.embedding import prepare_model
@@ -38,6 +39,7 @@ from tasks.settings import (
 )
 from tasks.steps import (
     backfill_generation,
+    commit_chunks,
     delete_documents,
     embed_chunks,
     ingest_on_ray,
@@ -119,13 +121,17 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
     """The default runner: read+parse+chunk, embed and write overlap. While the model embeds
     batch N, batch N+1 (and N+2) are read, parsed and chunked and batch N-1 is written, each
     in the flow's task-runner threads; bounded (prefetch_batches() ahead, one write in flight,
-    so commits stay in order and memory stays flat). Long documents are streamed after their
-    batch is written."""
+    so memory stays flat). A batch is written as Lance data files that no reader sees until
+    the commit: one at the end of the run (one new table version), and checkpoints every
+    `checkpoint_minutes` (tasks.commits). Long documents are streamed after their batch is
+    written."""
     params = run.params
     work = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
     ahead: deque[Any] = deque()
     run.chunker  # noqa: B018 - built once here, not by two prefetching threads at once
     prefetch = prefetch_batches()
+    writer = ChunkWriter(run, params.checkpoint_minutes)
+    logger = get_run_logger()
 
     def refill() -> None:
         while len(ahead) < prefetch:
@@ -137,6 +143,18 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
     writing: tuple[int, Any, Any] | None = None
     done = 0
 
+    def commit(final: bool) -> None:
+        # quoted: Prefect does not walk the run's objects (typed Task overloads do not know quote)
+        result = commit_chunks(quote(run), quote(writer), final)  # type: ignore[call-overload]
+        if result["fragments"]:
+            logger.info(
+                "%s: %d fragments in one commit (table version %d -> %d)",
+                "commit" if final else "checkpoint",
+                result["fragments"],
+                result["version_before"],
+                result["version_after"],
+            )
+
     def finish_write() -> None:
         nonlocal writing, done
         if writing is None:
@@ -144,6 +162,8 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
         count, outcomes, future = writing
         writing = None
         future.result()
+        if writer.due():
+            commit(final=False)
         stream_documents(quote(run), quote(outcomes))
         done += count
         bar.update(count)
@@ -159,18 +179,20 @@ def _pipeline(run: IngestRun, plan: Plan, progress_id: Any) -> None:
                 outcomes = prepared.result().outcomes
                 refill()
                 batch = embed_chunks(quote(run), quote(outcomes))
-                finish_write()  # the previous batch's commits come first
+                finish_write()  # one write in flight, in order
                 writing = (
                     count,
                     outcomes,
-                    write_chunks.submit(quote(run), quote(outcomes), quote(batch)),
+                    write_chunks.submit(quote(run), quote(writer), quote(outcomes), quote(batch)),
                 )
             finish_write()
+            commit(final=True)
         finally:
             for _, future in ahead:  # a failed run leaves no task behind
                 future.wait()
             if writing is not None:
                 writing[2].wait()
+            writer.close()
 
 
 def ingest_with(params: IngestParams) -> IngestReport:

@@ -14,7 +14,9 @@ import signal
 import time
 
 POINTS = (
-    "after-chunk-commit",  # a batch's chunks are committed, its manifest rows are not
+    "after-chunk-write",  # a batch's chunks are written as data files, not yet committed
+    "before-chunk-commit",  # the pending chunks are all written, none is committed
+    "after-chunk-commit",  # pending chunks are committed, their manifest rows are not
     "during-deletions",  # a deleted document's chunks are gone, its manifest row is not
     "during-index-refresh",  # one full-text index is built, the other is not
     "before-switch",  # a reindexed generation is complete and indexed, not yet live

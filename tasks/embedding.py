@@ -8,6 +8,7 @@ chunks of an edited document all come from the cache.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ def embed_outcomes(
     memo: dict[str, np.ndarray] | None = None,
     owners: dict[str, int] | None = None,
     owner: int = 0,
+    recent: OrderedDict[str, np.ndarray] | None = None,
 ) -> EmbeddedBatch:
     """Vectors for every chunk of the batch, as the Arrow rows to write.
 
@@ -55,7 +57,9 @@ def embed_outcomes(
     embedding space), then in `memo` (vectors this run already computed but has not written:
     a retried task does not send them again), then computed in sub-batches that land in the
     memo as each finishes. With `owners`, the memo records which batch (`owner`) computed each
-    vector; another batch's count as reused (cached), not embedded.
+    vector; another batch's count as reused (cached), not embedded. `recent`: vectors of
+    chunks this run wrote but has not committed (found there, they count as cached; a hit
+    moves to the end, so a text that keeps recurring stays).
     """
     spans = [(o, c) for o in outcomes if o.status == "ok" for c in o.chunks]
     if not spans:
@@ -63,6 +67,11 @@ def embed_outcomes(
     memo = {} if memo is None else memo
     hashes = [text_hash(c.text) for _, c in spans]
     cached = store.cached_vectors(hashes, cache_tables)
+    if recent:
+        for h in hashes:
+            if h not in cached and h in recent:
+                cached[h] = recent[h]
+                recent.move_to_end(h)
     missing: dict[str, str] = {}
     ids: dict[str, Any] = {}
     for h, (_, c) in zip(hashes, spans, strict=True):

@@ -28,7 +28,6 @@ the pipeline unprocessed and the driver streams them a segment at a time afterwa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,6 +41,8 @@ from typing import Any
 import pyarrow as pa
 from pydantic import SecretStr
 
+from tasks.commits import commit_spilled, slim_outcomes
+from tasks.commits import write_fragments as write_fragments_of
 from tasks.errors import ConfigurationError, LanceflowError
 from tasks.generations import Generation
 from tasks.memory import LANCE_IO_BUFFER_VAR
@@ -156,7 +157,6 @@ class EmbedWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from tasks.crashpoints import crash_point
         from tasks.embedding import embed_outcomes
-        from tasks.parsing import ParsedDocument
 
         rows_out, outcomes_out, embedded, cached = [], [], [], []
         for blob in batch.column("outcomes").to_pylist():
@@ -170,19 +170,11 @@ class EmbedWorker:
                 cache_tables=self.job.cache_tables,
             )
             crash_point("ray-embed")
-            written: dict[str, int] = {}
             if result.rows is not None:
                 rows_out.append(_to_ipc(result.rows))
-                for doc_id in result.rows.column("doc_id").to_pylist():
-                    written[doc_id] = written.get(doc_id, 0) + 1
             else:
                 rows_out.append(b"")
-            for o in outcomes:  # the manifest needs a document's counts, not its text
-                if o.status != "stream":
-                    o.chunk_total = written.get(o.doc_id, 0)
-                    o.chunks = []
-                if o.parsed is not None:
-                    o.parsed = ParsedDocument(o.doc_id, "", o.parsed.title)
+            slim_outcomes(outcomes, result.rows)  # the manifest needs counts, not texts
             outcomes_out.append(pickle.dumps(outcomes, protocol=5))
             embedded.append(result.embedded)
             cached.append(result.cached)
@@ -198,8 +190,6 @@ class EmbedWorker:
 
 def write_fragments(batch: pa.Table, job: RayJob) -> pa.Table:
     """Ray Data stage (CPU tasks): a batch's rows become Lance data files (not committed)."""
-    from lance.fragment import write_fragments as lance_write
-
     frags_out: list[list[str]] = []
     counts: list[int] = []
     for blob in batch.column("rows").to_pylist():
@@ -209,15 +199,9 @@ def write_fragments(batch: pa.Table, job: RayJob) -> pa.Table:
             continue
         rows = pa.ipc.open_stream(blob).read_all()
         counts.append(rows.num_rows)
-        frags = lance_write(
-            rows,
-            job.dataset_uri,
-            schema=rows.schema,
-            mode="append",
-            storage_options=job.storage_options,
-            data_storage_version=job.data_storage_version,
+        frags_out.append(
+            write_fragments_of(rows, job.dataset_uri, job.storage_options, job.data_storage_version)
         )
-        frags_out.append([json.dumps(f.to_json()) for f in frags])
     return pa.table(
         {
             "fragments": pa.array(frags_out, pa.list_(pa.string())),
@@ -458,78 +442,13 @@ def run_pipeline(
     return fragments, spill, embedded, cached, chunks
 
 
-def iter_spilled(path: str) -> Iterator[list[Any]]:
-    """The outcome lists written by run_pipeline, one shard at a time."""
-    if not path:
-        return
-    with open(path, "rb") as fh:
-        while True:
-            try:
-                yield pickle.load(fh)
-            except EOFError:
-                return
-
-
-def commit_fragments(
-    dataset_uri: str,
-    fragments: list[str],
-    replace_doc_keys: list[str],
-    storage_options: dict[str, str] | None,
-) -> tuple[int, int]:
-    """The run's one commit: the new fragments plus deletion files for the documents they
-    replace, as one Lance transaction. Returns (version before, version after)."""
-    import lance
-    from lance.fragment import FragmentMetadata
-
-    from tasks.store import open_lance, sql_in
-
-    ds = open_lance(dataset_uri, storage_options)
-    before = ds.version
-    new = [FragmentMetadata.from_json(f) for f in fragments]
-    updated: list[Any] = []
-    removed: list[int] = []
-    if replace_doc_keys and ds.count_rows():
-        touched: set[int] = set()
-        for i in range(0, len(replace_doc_keys), 1000):
-            part = replace_doc_keys[i : i + 1000]
-            addr = ds.to_table(columns=[], filter=sql_in("doc_key", part), with_row_address=True)
-            touched.update(int(a) >> 32 for a in addr.column("_rowaddr").to_pylist())
-        where = None
-        for fid in sorted(touched):
-            frag: Any = ds.get_fragment(fid)
-            if where is None:
-                where = " OR ".join(
-                    sql_in("doc_key", replace_doc_keys[i : i + 1000])
-                    for i in range(0, len(replace_doc_keys), 1000)
-                )
-            kept = frag.delete(where)
-            if kept is None:
-                removed.append(fid)
-            else:
-                updated.append(kept)
-    if not new and not updated and not removed:
-        return before, before
-    if updated or removed:
-        op: Any = lance.LanceOperation.Update(
-            removed_fragment_ids=removed, updated_fragments=updated, new_fragments=new
-        )
-    else:
-        op = lance.LanceOperation.Append(new)
-    done = lance.LanceDataset.commit(
-        dataset_uri, op, read_version=before, storage_options=storage_options
-    )
-    return before, int(done.version)
-
-
 def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     """The Ray runner's coarse step for one IngestRun: pipeline, one commit, then the
     manifest rows and the long documents. Report counts are merged into run.report."""
     from tasks.embedding import resolved_api_key
-    from tasks.identity import doc_key
     from tasks.plan import iter_work
     from tasks.runs import stream_one
     from tasks.store import TableModel, lance_of, table_options
-    from tasks.writing import write_manifest
 
     params: IngestParams = run.params
     store = run.store
@@ -590,43 +509,15 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     clock = time.perf_counter()
     result = RayResult(embedded=embedded, cached=cached, fragments=len(fragments))
     try:
-        # the documents whose old chunks the new ones replace (all of them when the table had
-        # rows: a crashed earlier run may have committed chunks of documents still 'new')
-        replace: list[str] = []
-        for outcomes in iter_spilled(spill):
-            for o in outcomes:
-                if o.status == "stream":
-                    continue
-                if (
-                    o.status == "ok"
-                    or o.partial
-                    or (o.status == "failed" and not o.keep_chunks and o.state != "new")
-                ):
-                    replace.append(doc_key(run.source_uri, o.doc_id))
-        replace = replace if had_rows else []
-        before, after = commit_fragments(dataset_uri, fragments, replace, options or None)
-        result.version_before, result.version_after = before, after
-        from tasks.crashpoints import crash_point
-
-        crash_point("after-chunk-commit")
-        tbl.checkout_latest()
-        run.report.chunks.written += chunks
-        run.report.chunks.deleted += _replaced_count(dataset_uri, before, replace, options)
+        # a table that had rows: the new chunks replace their documents' (all of them: a
+        # crashed earlier run may have committed chunks of documents still 'new')
+        done = commit_spilled(
+            run, dataset_uri, options or None, fragments, spill, chunks, replace_old=had_rows
+        )
+        result.version_before, result.version_after = done.version_before, done.version_after
+        result.streamed = done.streamed
         run.report.chunks.embedded += embedded
         run.report.chunks.cached += cached
-        # manifest rows once the chunks are committed, a few thousand per commit
-        pending: list[Any] = []
-        for outcomes in iter_spilled(spill):
-            for o in outcomes:
-                if o.status == "stream":
-                    result.streamed.append(o)
-                else:
-                    pending.append(o)
-            if len(pending) >= 4096:
-                _manifest(store, pending, run, write_manifest)
-                pending = []
-        if pending:
-            _manifest(store, pending, run, write_manifest)
         run.report.stage_seconds["commit"] = round(time.perf_counter() - clock, 3)
     finally:
         if spill:
@@ -636,29 +527,3 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     for o in result.streamed:  # long documents, a segment at a time, on the driver
         run.report.merge(stream_one(run, o))
     return result
-
-
-def _replaced_count(
-    dataset_uri: str, before: int, keys: list[str], options: dict[str, str] | None
-) -> int:
-    """Chunks of the replaced documents that the commit removed and did not write again (as
-    the default runner counts them), a thousand documents at a time: flat memory."""
-    if not keys:
-        return 0
-    from tasks.store import open_lance, sql_in
-
-    old = open_lance(dataset_uri, options, version=before)
-    new = open_lance(dataset_uri, options)
-    gone = 0
-    for i in range(0, len(keys), 1000):
-        where = sql_in("doc_key", keys[i : i + 1000])
-        ids_before = set(old.to_table(columns=["chunk_id"], filter=where).column(0).to_pylist())
-        ids_after = set(new.to_table(columns=["chunk_id"], filter=where).column(0).to_pylist())
-        gone += len(ids_before - ids_after)
-    return gone
-
-
-def _manifest(store: Any, outcomes: list[Any], run: Any, write_manifest: Any) -> None:
-    per_doc = {o.doc_id: o.chunk_count for o in outcomes}
-    # document outcomes only: the chunk counts came from the pipeline and the commit
-    run.report.merge(write_manifest(store, outcomes, run.source_uri, per_doc))

@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,9 @@ from tasks.store import CHUNKS, Store, TableModel, open_store, report_json
 
 log = logging.getLogger(__name__)
 
+#: vectors of written, not yet committed chunks kept for reuse within a run (IngestRun.recent)
+RECENT_VECTOR_MB = 16
+
 
 @dataclass
 class IngestRun:
@@ -46,9 +50,14 @@ class IngestRun:
     memo: dict[str, Any] = field(default_factory=dict)
     #: which batch computed each memo entry (tasks.embedding.embed_outcomes)
     memo_owners: dict[str, int] = field(default_factory=dict)
-    #: text hashes of batches whose chunks are committed (the writer may run beside the
-    #: embedder): dropped from the memo before the next embedding looks anything up
+    #: text hashes of batches whose chunks are written (the writer may run beside the
+    #: embedder): moved from the memo to `recent` before the next embedding looks anything up
     committed: queue.SimpleQueue[list[str]] = field(default_factory=queue.SimpleQueue)
+    #: vectors of written chunks, most recent last, bounded (RECENT_VECTOR_MB): until their
+    #: commit the table's cache cannot find them, and a text that recurs across batches (a
+    #: footer, a disclaimer) is not embedded again
+    recent: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    _recent_bytes: int = 0
     #: the report's counters are updated by the embedder and the writer, in two threads
     counts_lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = field(default_factory=time.time)
@@ -96,10 +105,16 @@ class IngestRun:
         from tasks.embedding import embed_outcomes
         from tasks.errors import ModelMismatchError
 
-        while not self.committed.empty():  # those vectors are in the table now
+        while not self.committed.empty():  # those vectors are written now
             for h in self.committed.get_nowait():
-                self.memo.pop(h, None)
+                v = self.memo.pop(h, None)
                 self.memo_owners.pop(h, None)
+                if v is not None and h not in self.recent:
+                    self.recent[h] = v
+                    self._recent_bytes += v.nbytes
+        while self._recent_bytes > RECENT_VECTOR_MB * 2**20:
+            _, v = self.recent.popitem(last=False)
+            self._recent_bytes -= v.nbytes
         batch = embed_outcomes(
             outcomes,
             self.embedder,
@@ -110,6 +125,7 @@ class IngestRun:
             memo=self.memo,
             owners=self.memo_owners,
             owner=id(outcomes),
+            recent=self.recent,
         )
         if batch.rows is not None:
             dim = batch.rows.schema.field("vector").type.list_size

@@ -275,6 +275,15 @@ class RunSettings(_Model):
     batch_mb: float = Field(
         64.0, gt=0, le=4_096, description="Upper bound on the bytes read in one batch."
     )
+    checkpoint_minutes: float = Field(
+        15.0,
+        ge=0.0,
+        le=10_080,
+        description="Default runner: written chunks become visible in one commit (one new "
+        "table version) at the end of the run, or earlier once this many minutes passed since "
+        "the last commit, so that a crash loses at most this much work (the next run skips "
+        "what was committed). 0: a commit after every batch.",
+    )
     max_failed_fraction: float = Field(
         0.5,
         ge=0.0,

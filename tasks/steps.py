@@ -16,6 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.commits import ChunkWriter
 from tasks.documents import DocOutcome, chunk_outcomes, read_and_parse
 from tasks.embedding import EmbeddedBatch
 from tasks.errors import LanceflowError
@@ -33,7 +34,6 @@ from tasks.runs import (
 )
 from tasks.settings import IngestParams
 from tasks.store import sql_in
-from tasks.writing import write_batch
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -128,13 +128,31 @@ def embed_chunks(run: IngestRun, outcomes: list[DocOutcome]) -> EmbeddedBatch:
 
 
 @_io_task("write_chunks")
-def write_chunks(run: IngestRun, outcomes: list[DocOutcome], batch: EmbeddedBatch) -> None:
-    counts = write_batch(run.store, outcomes, batch.rows, run.source_uri)
-    with run.counts_lock:
-        run.report.merge(counts)  # only after both commits: a retry never counts twice
-    if batch.rows is not None:  # every vector of the batch is in the table now
+def write_chunks(
+    run: IngestRun, writer: ChunkWriter, outcomes: list[DocOutcome], batch: EmbeddedBatch
+) -> None:
+    """One batch's rows as Lance data files (visible at the next commit); its outcomes, with
+    their texts dropped, wait in the writer's spill file for the manifest."""
+    writer.add(outcomes, batch.rows)
+    if batch.rows is not None:  # every vector of the batch is written now
         run.committed.put(batch.rows.column("text_hash").to_pylist())
     release_free_heap()  # the batch's freed buffers go back to the OS (tasks.memory)
+
+
+@task(name="commit_chunks", cache_policy=NO_CACHE, persist_result=False)
+def commit_chunks(run: IngestRun, writer: ChunkWriter, final: bool) -> dict[str, Any]:
+    """The written chunks in one table version, then their documents' manifest rows. Not
+    retried: a failure leaves the table as it was before this commit, and a re-run redoes
+    what it held."""
+    done = writer.commit(final=final)
+    release_free_heap()
+    if done is None:
+        return {"fragments": 0}
+    return {
+        "fragments": done.fragments,
+        "version_before": done.version_before,
+        "version_after": done.version_after,
+    }
 
 
 @_io_task("stream_documents")

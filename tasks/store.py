@@ -601,6 +601,10 @@ class Store:
             tbl.delete(where)
         return stale
 
+    def keep_chunk_key_indexes(self, written: int) -> None:
+        """After `written` chunk rows were committed outside replace_chunks (tasks.commits)."""
+        self._keep_key_indexes(self.chunks_name, CHUNK_KEYS, written)
+
     def _keep_key_indexes(self, name: str, columns: Sequence[str], written: int) -> None:
         """B-tree indexes on a table's lookup keys as soon as it has rows, rebuilt while a run
         writes once the rows they do not cover pass KEY_INDEX_STALE_ROWS or

@@ -1,6 +1,9 @@
-"""Writing one batch: chunks first (one commit per batch), then the manifest rows.
+"""Manifest rows after their chunks, and the one-commit-per-call write of a batch's chunks.
 
-A crash between the two leaves the manifest pointing at the old content, so the next run
+The runners write chunks through tasks.commits (data files, one commit per run or
+checkpoint) and then write_manifest(); write_batch() upserts a batch in one commit and is what
+a long document's manifest row goes through (tasks.streaming). A crash between chunks and
+manifest leaves the manifest pointing at the old content, so the next run
 processes those documents again and upserts the same chunk ids: it converges to exactly the
 table a clean run writes.
 """

@@ -101,6 +101,8 @@ def test_crash_mid_run_then_rerun_converges(tmp_path, cli_env):
             crashed,
             "--batch-docs",
             "16",
+            "--checkpoint-minutes",  # a commit per batch: the kill lands between commits
+            "0",
         ],
         env=env,
         cwd=REPO,

@@ -340,3 +340,65 @@ def test_prefects_map_of_task_results_does_not_grow_with_the_documents(tmp_path,
         assert run_ingest(params).documents.new == 10 * per_batch
     small, big = sizes
     assert big - small < (400 - 50) / 10
+
+
+def _row_count_changes(db) -> int:
+    """Chunks-table versions whose row count differs from the version before (data commits;
+    index builds, compaction and version cleanup change no count)."""
+    ds = Store(str(db)).chunks_table().to_lance()
+    counts = [ds.checkout_version(v["version"]).count_rows() for v in ds.versions()]
+    return sum(1 for a, b in zip(counts, counts[1:], strict=False) if a != b)
+
+
+def _many_docs(root, n: int) -> None:
+    root.mkdir()
+    for i in range(n):
+        (root / f"doc{i:02d}.md").write_text(
+            f"# Note {i}\n\nNote {i} is about topic {i * 7} and the weekly upkeep of index {i}.\n"
+        )
+
+
+def test_a_run_adds_one_table_version_however_many_batches_it_writes(tmp_path):
+    """20 batches become visible in one commit; an edit run's replacements too. With
+    checkpoint_minutes=0 every batch is a commit of its own (a crash keeps each)."""
+    src = tmp_path / "src"
+    _many_docs(src, 40)
+    db = tmp_path / "db"
+    first = run_ingest(_params(src, db, embedder={"kind": "hash"}, batch_docs=2))
+    assert first.documents.new == 40 and first.chunks.written == 40
+    assert _row_count_changes(db) == 1
+    for i in (1, 15, 33):  # three batches' documents grow by a chunk
+        with open(src / f"doc{i:02d}.md", "a") as fh:
+            words = " ".join(f"term{i}x{j}" for j in range(600))  # past one chunk's tokens
+            fh.write(f"\n\n# Appendix\n\n{words}.\n")
+    second = run_ingest(_params(src, db, embedder={"kind": "hash"}, batch_docs=2))
+    assert second.documents.changed == 3 and second.chunks.written >= 6
+    assert _row_count_changes(db) == 2  # the first run's and this run's
+    docs = _docs(Store(str(db)))
+    assert all(docs[f"doc{i:02d}.md"]["chunk_count"] >= 2 for i in (1, 15, 33))
+
+    per_batch = tmp_path / "per-batch"
+    run_ingest(
+        _params(src, per_batch, embedder={"kind": "hash"}, batch_docs=2, checkpoint_minutes=0)
+    )
+    assert _row_count_changes(per_batch) == 20
+    from .conftest import table_snapshot
+
+    assert table_snapshot(str(per_batch)) == table_snapshot(str(db))  # the same rows
+
+
+def test_a_text_recurring_across_batches_is_embedded_once_before_the_commit(tmp_path, monkeypatch):
+    """Until the run's commit, the table's cache cannot see the batches already written; the
+    run keeps their vectors (bounded) so a recurring text (a footer, a disclaimer) is not sent
+    to the model again: counted on the embedder's own call log."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"notice{i:02d}.txt").write_text("This message is confidential. Do not forward.\n")
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    report = run_ingest(_params(src, tmp_path / "db", embedder={"kind": "hash"}, batch_docs=1))
+    embedded = sum(int(line.split()[1]) for line in log.read_text().splitlines() if line)
+    assert report.chunks.written == 12
+    assert embedded == report.chunks.embedded == 1
+    assert report.chunks.cached == 11

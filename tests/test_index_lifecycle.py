@@ -213,24 +213,42 @@ def _crash(env, *args: str, point: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "point", ["after-chunk-commit:2", "during-deletions", "during-index-refresh"]
+    ("point", "checkpoint"),
+    [
+        ("after-chunk-write:2", None),  # the run's one commit never happened
+        ("after-chunk-commit", None),  # the one commit happened, the manifest rows did not
+        ("after-chunk-commit:2", "0"),  # a commit per batch: two batches committed
+        ("during-deletions", None),
+        ("during-index-refresh", None),
+    ],
 )
-def test_a_crash_at_each_point_converges_to_the_clean_build(corpus, tmp_path, cli_env, point):
+def test_a_crash_at_each_point_converges_to_the_clean_build(
+    corpus, tmp_path, cli_env, point, checkpoint
+):
     db, clean = str(tmp_path / "db"), str(tmp_path / "clean")
     scratch = tmp_path / "tmp"  # the runs' temporary directory, to see what a crash leaves
     scratch.mkdir()
     cli_env = dict(cli_env, TMPDIR=str(scratch))
     args = ("--batch-docs", "2", "--json")
+    if checkpoint is not None:
+        args = ("--checkpoint-minutes", checkpoint, *args)
     if point == "during-deletions":
         run_cli(cli_env, "ingest", str(corpus), "--table", db, *args)
         for name in ("guides/coffee.txt", "ko/security.txt", "reports/expenses.pdf"):
             (corpus / name).unlink()
     _crash(cli_env, "ingest", str(corpus), "--table", db, *args, point=point)
-    if point == "after-chunk-commit:2":  # killed mid-pipeline: its spilled plan is left
+    if point.startswith(("after-chunk-commit", "after-chunk-write")):
+        # killed mid-pipeline: its spilled plan (and its written chunks' outcomes) are left
         assert len(list(scratch.glob("lanceflow-plan-*"))) == 1
+        assert len(list(scratch.glob("lanceflow-commit-*"))) == 1
+    if point == "after-chunk-write:2":  # two batches written, none visible
+        assert Store(db).chunks_table().count_rows() == 0
+    if point == "after-chunk-commit":  # every batch visible in one version
+        assert Store(db).chunks_table().count_rows() > 0
     rerun = json.loads(run_cli(cli_env, "ingest", str(corpus), "--table", db, *args).stdout)
     assert rerun["documents"]["failed"] == 0
     assert list(scratch.glob("lanceflow-plan-*")) == []  # the next run swept it
+    assert list(scratch.glob("lanceflow-commit-*")) == []
     run_cli(cli_env, "ingest", str(corpus), "--table", clean, *args)
     assert table_snapshot(db) == table_snapshot(clean)
     assert Store(db).indexes_current()
@@ -240,7 +258,8 @@ def test_a_crash_at_each_point_converges_to_the_clean_build(corpus, tmp_path, cl
 def test_a_crash_during_a_reindex_resumes_and_converges(corpus, tmp_path, cli_env, point):
     db, clean = str(tmp_path / "db"), str(tmp_path / "clean")
     run_cli(cli_env, "ingest", str(corpus), "--table", db, "--json")
-    new = ("--chunk-tokens", "40", "--batch-docs", "2", "--json")
+    # a commit per batch: a crash keeps the batches committed before it
+    new = ("--chunk-tokens", "40", "--batch-docs", "2", "--checkpoint-minutes", "0", "--json")
     _crash(cli_env, "ingest", str(corpus), "--table", db, *new, "--reindex", point=point)
     if point != "after-switch":
         # search keeps answering from the live generation while the rebuild is unfinished

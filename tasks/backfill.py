@@ -128,13 +128,14 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     import lance
 
     from tasks.embedding import resolved_api_key
-    from tasks.store import lance_of, open_lance, table_options
+    from tasks.store import lance_of, open_lance, table_options, write_uri
 
     params = run.params
     target, live = run.target, run.live
     options = table_options(params.store.uri, params.store.access) or None
     live_ds = lance_of(live_store.chunks_table(), run.store.cache_size)
-    uri = _sibling(live_ds.uri, live.chunks_table, target.chunks_table)
+    # the new generation's dataset; an s3+ddb table's writes go through its commit store
+    uri = write_uri(params.store.uri, _sibling(live_ds.uri, live.chunks_table, target.chunks_table))
     live_ds.deep_clone(uri, live_ds.version, storage_options=options)
     ds = open_lance(uri, options, cache_size=run.store.cache_size)
     ds.drop_columns(["vector"])

@@ -10,8 +10,9 @@ run redo those documents and converge to the same rows).
 The Ray runner commits once, after its pipeline. The default runner (ChunkWriter) commits
 once at the end of a run, or earlier at checkpoints: when `checkpoint_minutes` passed since
 its last commit (a crash then loses at most that much work; the next run skips what was
-committed), or after every batch with 0. Data files of a run that never committed are not
-part of any version; Lance's cleanup of old versions removes them.
+committed), or after every batch with 0. Data files of a run that never committed are in no
+version; Lance's cleanup of old versions (after each run that changed something, and
+`lanceflow maintain`) deletes such unreferenced files once they are 7 days old.
 """
 
 from __future__ import annotations
@@ -217,6 +218,8 @@ def commit_spilled(
         with run.counts_lock:
             run.report.chunks.written += chunks
             run.report.chunks.deleted += deleted
+    elif dataset_uri is not None:  # nothing to commit: the table stays at its version
+        result.version_before = result.version_after = int(run.store.chunks_table().version)
     pending: list[Any] = []
     for outcomes in iter_spilled(spill):
         for o in outcomes:
@@ -260,6 +263,7 @@ class ChunkWriter:
         self._chunks = 0
         self._batches = 0
         self._dataset: tuple[str, dict[str, str] | None, str | None] | None = None
+        self._columns: list[str] = []
         self._last_commit = time.monotonic()
         self._lock = threading.Lock()
         self.commits: list[Committed] = []
@@ -268,13 +272,15 @@ class ChunkWriter:
         """(dataset URI, storage options, data file version) of the chunks table, once it
         exists (the first embedded rows create it)."""
         if self._dataset is None and self.run.store.has_chunks():
-            from tasks.store import lance_of, table_options
+            from tasks.store import lance_of, table_options, write_uri
 
             store = self.run.store
             params = self.run.params
             ds = lance_of(store.chunks_table(), store.cache_size)
             options = table_options(params.store.uri, params.store.access) or None
-            self._dataset = (ds.uri, options, ds.data_storage_version)
+            uri = write_uri(params.store.uri, ds.uri)
+            self._columns = ds.schema.names
+            self._dataset = (uri, options, ds.data_storage_version)
         return self._dataset
 
     def add(self, outcomes: Sequence[Any], rows: pa.Table | None) -> None:
@@ -284,12 +290,20 @@ class ChunkWriter:
             target = self._target()
             assert target is not None, "the chunks table is created with the first rows"
             uri, options, file_version = target
+            if rows.schema.names != self._columns:  # a backfilled generation's column order
+                rows = rows.select(self._columns)
             frags = write_fragments(rows, uri, options, file_version)
         slim_outcomes(outcomes, rows)
         blob = pickle.dumps([o for o in outcomes if o.status != "stream"], protocol=5)
         with self._lock:
-            self._fh.write(blob)
-            self._fh.flush()
+            at = self._fh.tell()
+            try:
+                self._fh.write(blob)
+                self._fh.flush()
+            except BaseException:
+                self._fh.seek(at)  # a retry must not find half a batch in the spill
+                self._fh.truncate()
+                raise
             self._fragments.extend(frags)
             self._chunks += rows.num_rows if rows is not None else 0
             self._batches += 1

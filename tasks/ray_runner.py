@@ -448,7 +448,7 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     from tasks.embedding import resolved_api_key
     from tasks.plan import iter_work
     from tasks.runs import stream_one
-    from tasks.store import TableModel, lance_of, table_options
+    from tasks.store import TableModel, lance_of, table_options, write_uri
 
     params: IngestParams = run.params
     store = run.store
@@ -461,7 +461,8 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     tbl = store.chunks_table()
     options = table_options(params.store.uri, params.store.access)
     lance_ds = lance_of(tbl, store.cache_size)
-    dataset_uri, file_version = lance_ds.uri, lance_ds.data_storage_version
+    dataset_uri = write_uri(params.store.uri, lance_ds.uri)  # s3+ddb keeps its commit store
+    file_version = lance_ds.data_storage_version
     had_rows = tbl.count_rows() > 0
     api_key = resolved_api_key(params.embedder)
     if params.embedder.kind == "openai":

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from tasks import generations
 from tasks.chunking import Chunker
 from tasks.embedders.base import Embedder
@@ -53,7 +55,7 @@ class IngestRun:
     #: text hashes of batches whose chunks are written (the writer may run beside the
     #: embedder): moved from the memo to `recent` before the next embedding looks anything up
     committed: queue.SimpleQueue[list[str]] = field(default_factory=queue.SimpleQueue)
-    #: vectors of written chunks, most recent last, bounded (RECENT_VECTOR_MB): until their
+    #: vectors of written chunks, most recent last, bounded (see embed()): until their
     #: commit the table's cache cannot find them, and a text that recurs across batches (a
     #: footer, a disclaimer) is not embedded again
     recent: OrderedDict[str, Any] = field(default_factory=OrderedDict)
@@ -105,14 +107,27 @@ class IngestRun:
         from tasks.embedding import embed_outcomes
         from tasks.errors import ModelMismatchError
 
+        # a batch's vectors move from the memo to `recent` once written: it holds
+        # RECENT_VECTOR_MB, or the last written batch's new vectors twice if that is more, so
+        # a text first seen in that batch is still there when the next one is drained
+        limit = RECENT_VECTOR_MB * 2**20
         while not self.committed.empty():  # those vectors are written now
+            again: list[str] = []
+            fresh = 0
             for h in self.committed.get_nowait():
                 v = self.memo.pop(h, None)
                 self.memo_owners.pop(h, None)
-                if v is not None and h not in self.recent:
+                if h in self.recent:
+                    again.append(h)
+                elif v is not None:
+                    v = np.array(v, copy=True)  # not a view pinning its whole sub-batch
                     self.recent[h] = v
                     self._recent_bytes += v.nbytes
-        while self._recent_bytes > RECENT_VECTOR_MB * 2**20:
+                    fresh += v.nbytes
+            for h in again:  # a text that recurs goes behind the batch's new ones: it stays
+                self.recent.move_to_end(h)
+            limit = max(limit, 2 * fresh)
+        while self._recent_bytes > limit:
             _, v = self.recent.popitem(last=False)
             self._recent_bytes -= v.nbytes
         batch = embed_outcomes(

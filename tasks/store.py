@@ -257,6 +257,20 @@ def open_lance(
     )
 
 
+def write_uri(db_uri: str, table_uri: str) -> str:
+    """The URI that Lance writes and commits to for a table of the database at `db_uri`, given
+    the table's dataset URI as lancedb reports it. lancedb drops an `s3+ddb://` database's
+    scheme and query from it (fine for reading); a commit through it would bypass the
+    DynamoDB commit store, so the scheme and `?ddbTableName=` are put back."""
+    from urllib.parse import urlparse
+
+    db = urlparse(db_uri)
+    if db.scheme != "s3+ddb":
+        return table_uri
+    table = urlparse(table_uri)
+    return table._replace(scheme=db.scheme, query=db.query).geturl()
+
+
 def lance_of(tbl: Any, cache_size: int) -> Any:
     """The pylance dataset behind a lancedb table, with these cache bounds (lancedb's
     `to_lance()` gives it Lance's default caches, not the connection's)."""

@@ -402,3 +402,24 @@ def test_a_text_recurring_across_batches_is_embedded_once_before_the_commit(tmp_
     assert report.chunks.written == 12
     assert embedded == report.chunks.embedded == 1
     assert report.chunks.cached == 11
+
+
+def test_a_recurring_text_outlives_the_bound_on_written_vectors(tmp_path, monkeypatch):
+    """The run's hold on written vectors is bounded (here by 3 of them, or twice a batch's new
+    ones: 8): 36 vectors pass through it, yet the text that recurs in every batch is kept (it
+    goes behind each batch's new ones) and embedded once."""
+    import tasks.runs as runs
+
+    monkeypatch.setattr(runs, "RECENT_VECTOR_MB", 3 * 256 * 4 / 2**20)  # 3 hash vectors
+    src = tmp_path / "src"
+    src.mkdir()
+    for b in range(12):  # batches of 4: the notice and 3 documents of their own
+        (src / f"b{b:02d}-a.txt").write_text("This message is confidential. Do not forward.\n")
+        for j in range(3):
+            (src / f"b{b:02d}-u{j}.txt").write_text(f"Batch {b} note {j} on item {b * 3 + j}.\n")
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    report = run_ingest(_params(src, tmp_path / "db", embedder={"kind": "hash"}, batch_docs=4))
+    embedded = sum(int(line.split()[1]) for line in log.read_text().splitlines() if line)
+    assert report.chunks.written == 48
+    assert embedded == report.chunks.embedded == 1 + 36

@@ -501,3 +501,19 @@ def test_a_failed_compaction_still_builds_the_indexes_and_says_so(
     assert {"text_idx", "vector_idx", "chunk_id_idx"} <= set(done["indexes"])
     assert "OSError: object store said no" in caplog.text
     assert len(store.chunks_table().to_lance().get_fragments()) < 3  # optimize compacted
+
+
+def test_writes_to_an_s3_ddb_table_keep_its_commit_store():
+    """lancedb reports an s3+ddb table's dataset as plain s3 (fine for reads); commits made
+    through that URI would bypass DynamoDB, so writes get the scheme and table name back."""
+    from tasks.store import write_uri
+
+    db = "s3+ddb://bucket/index?ddbTableName=lance-commits"
+    assert (
+        write_uri(db, "s3://bucket/index/chunks_g2.lance")
+        == "s3+ddb://bucket/index/chunks_g2.lance?ddbTableName=lance-commits"
+    )
+    assert write_uri("s3://bucket/index", "s3://bucket/index/chunks.lance") == (
+        "s3://bucket/index/chunks.lance"
+    )
+    assert write_uri("/srv/lancedb", "/srv/lancedb/chunks.lance") == "/srv/lancedb/chunks.lance"

@@ -19,6 +19,9 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
   pipeline_chunks_per_s  chunks / the pipeline stage: the rate a long run converges to
   peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
                        server, Ray's raylet/GCS/workers), sampled every 0.1 s
+  peak_pss_gib         the same tree's peak PSS, sampled every 0.5 s: a page shared by several
+                       processes (Ray's object store is shared memory that every worker maps,
+                       and so are the libraries) counts once in all, not once per process
   peak_at_s            when the tree's peak was sampled, seconds from the command's start: after
                        start-up plus the pipeline stage, it was in the index refresh that ends
                        the run
@@ -99,6 +102,7 @@ def _role(p: Any, root_pid: int) -> str:
 class TreeRun(NamedTuple):
     seconds: float  # wall
     peak: int  # the tree's peak RSS, bytes
+    peak_pss: int  # the tree's peak PSS (shared pages divided among their sharers), bytes
     peak_at: float  # seconds from the start
     stdout: str
     peak_by_role: dict[str, float]  # GiB
@@ -146,6 +150,8 @@ def run_tree(
     root = psutil.Process(proc.pid)
     peak = 0
     peak_at = 0.0
+    peak_pss = 0
+    next_pss = 0.0
     seen: dict[int, psutil.Process] = {}
     own_peak: dict[int, int] = {}
     own_cpu: dict[int, float] = {}
@@ -173,6 +179,15 @@ def run_tree(
         now = time.perf_counter() - t
         if total > peak:
             peak, peak_at = total, now
+        if now >= next_pss:  # PSS reads the page tables (smaps_rollup): twice a second
+            next_pss = now + 0.5
+            pss = 0
+            for p in procs:
+                try:
+                    pss += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            peak_pss = max(peak_pss, pss)
         if trace_out is not None and now >= next_trace:
             next_trace = now + 1.0
             try:
@@ -198,6 +213,7 @@ def run_tree(
     return TreeRun(
         seconds,
         peak,
+        peak_pss,
         peak_at,
         "".join(out),
         _by_role(peaks, roles, 3),
@@ -303,6 +319,7 @@ def main() -> None:
                     "stage_seconds": stages,
                     "pipeline_chunks_per_s": round(chunks / stages["pipeline"], 1),
                     "peak_rss_gib": round(peak / 2**30, 3),
+                    "peak_pss_gib": round(ran.peak_pss / 2**30, 3),
                     "peak_at_s": round(ran.peak_at, 1),
                     "peak_rss_by_process": ran.peak_by_role,
                     "cpu_s_by_process": ran.cpu_by_role,
@@ -325,6 +342,9 @@ def main() -> None:
                 if lo and hi:
                     result[f"rss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
                         float(hi["peak_rss_gib"]) / float(lo["peak_rss_gib"]), 3
+                    )
+                    result[f"pss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
+                        float(hi["peak_pss_gib"]) / float(lo["peak_pss_gib"]), 3
                     )
         for size in sizes:
             r1, r2 = runs.get(f"{size}/ray1"), runs.get(f"{size}/ray2")

@@ -1,4 +1,5 @@
-"""The `ingest` flow: list -> read and parse -> chunk -> embed -> write -> indexes -> report.
+"""The `ingest` flow: list -> read and parse -> chunk -> embed -> write -> commit -> indexes ->
+report.
 
 Its parameters are top-level (`source`, `table`, then grouped settings), so a deployment run,
 a UI form or a trigger can override `table` alone: Prefect merges run parameters shallowly.

@@ -197,7 +197,6 @@ def commit_spilled(
     counts into run.report. `replace_old`: the table had rows when the run started (the new
     chunks then replace their documents' old ones, and so do failed documents' empty sets)."""
     from tasks.identity import doc_key
-    from tasks.writing import write_manifest
 
     result = Committed(fragments=len(fragments))
     replace: list[str] = []
@@ -228,14 +227,16 @@ def commit_spilled(
             else:
                 pending.append(o)
         if len(pending) >= MANIFEST_ROWS:
-            _manifest(run, pending, write_manifest)
+            _manifest(run, pending)
             pending = []
     if pending:
-        _manifest(run, pending, write_manifest)
+        _manifest(run, pending)
     return result
 
 
-def _manifest(run: Any, outcomes: list[Any], write_manifest: Any) -> None:
+def _manifest(run: Any, outcomes: list[Any]) -> None:
+    from tasks.writing import write_manifest
+
     per_doc = {o.doc_id: o.chunk_count for o in outcomes}
     # document outcomes only: the chunk counts came from the writes and the commit
     counts = write_manifest(run.store, outcomes, run.source_uri, per_doc)
@@ -266,7 +267,6 @@ class ChunkWriter:
         self._columns: list[str] = []
         self._last_commit = time.monotonic()
         self._lock = threading.Lock()
-        self.commits: list[Committed] = []
 
     def _target(self) -> tuple[str, dict[str, str] | None, str | None] | None:
         """(dataset URI, storage options, data file version) of the chunks table, once it
@@ -329,7 +329,6 @@ class ChunkWriter:
         done = commit_spilled(
             self.run, uri, options, fragments, self._spill, chunks, replace_old=self.replace_old
         )
-        self.commits.append(done)
         if not final:
             with self._lock:
                 self._fh = open(self._spill, "wb")  # noqa: SIM115

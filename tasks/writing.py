@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.commits import replaces_old_chunks
 from tasks.crashpoints import crash_point
 from tasks.documents import DocOutcome
 from tasks.identity import doc_key
@@ -40,13 +41,7 @@ def write_batch(
     if streamed_chunks is not None:
         _write_manifest(store, outcomes, keys, source_uri, counts, {}, streamed_chunks)
         return counts
-    replace = [
-        keys[o.doc_id]
-        for o in outcomes
-        if o.status == "ok"
-        or o.partial
-        or (o.status == "failed" and not o.keep_chunks and o.state != "new")
-    ]
+    replace = [keys[o.doc_id] for o in outcomes if replaces_old_chunks(o)]
     old_ids = store.chunk_ids_of(replace)
     new_ids = set(rows.column("chunk_id").to_pylist()) if rows is not None else set()
     if rows is not None or (replace and store.has_chunks()):

@@ -49,6 +49,7 @@ from tasks.steps import (
     open_run_task,
     prepare_documents,
     refresh_indexes,
+    remove_unowned_chunks,
     report_run,
     stream_documents,
     switch_generation,
@@ -242,6 +243,7 @@ def ingest_with(params: IngestParams) -> IngestReport:
         plan.cleanup()
     mark_record_files(quote(run), quote(plan))
     delete_documents(quote(run), quote(plan))
+    remove_unowned_chunks(quote(run))
     # documents or chunks written or removed; a run that only recorded new listing tokens (or
     # times) in the manifest changed nothing the indexes cover
     d, c = run.report.documents, run.report.chunks

@@ -365,7 +365,15 @@ def stream_one(run: IngestRun, outcome: Any) -> IngestReport:
         counts.failures = doc_counts.failures
 
     max_bytes = int(run.params.source.max_file_mb * 2**20)
-    stream_document(outcome, run.source, run.chunker, max_bytes, write_segment, finish_document)
+    try:
+        stream_document(outcome, run.source, run.chunker, max_bytes, write_segment, finish_document)
+    except BaseException:
+        # an error the document's own handling does not take (an embedding request that
+        # failed every try, a lost connection): the task's retry streams it again from the
+        # start, its first write dropping what this attempt wrote (delete_version). Without
+        # this the retry would find it 'ok' and skip it, with no manifest row
+        outcome.status, outcome.chunks = "stream", []
+        raise
     return counts
 
 

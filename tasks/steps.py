@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.commits import ChunkWriter
@@ -225,6 +225,22 @@ def delete_documents(run: IngestRun, plan: Plan) -> int:
     run.report.documents.deleted = len(keys)
     run.report.chunks.deleted += removed  # set once: a retry finds nothing left to count
     return len(keys)
+
+
+@_io_task("remove_unowned_chunks")
+def remove_unowned_chunks(run: IngestRun) -> int:
+    """Chunks an interrupted run committed whose documents no manifest row owns now (their
+    file deleted, or failing, since), removed (tasks.store.Store.remove_unowned_chunks)."""
+    removed, documents = run.store.remove_unowned_chunks()
+    if removed:
+        get_run_logger().warning(
+            "removed %d chunks of %d documents that an interrupted run had committed and no "
+            "document owns now",
+            removed,
+            documents,
+        )
+    run.report.chunks.deleted += removed  # a retry finds nothing left to count
+    return removed
 
 
 @_io_task("refresh_indexes")

@@ -501,6 +501,58 @@ class Store:
             crash_point("during-deletions")
             self.documents().delete(sql_in("doc_key", part))
 
+    def remove_unowned_chunks(self, batch: int = 500) -> tuple[int, int]:
+        """Chunks that no manifest row owns, removed: (chunks, documents).
+
+        A run killed after committing chunks and before writing their documents' manifest
+        rows leaves such chunks (tasks.commits). The next run re-embeds those documents and
+        replaces them, but a document deleted from the source, or now failing, before that
+        run has no manifest row to be deleted or replaced by: its chunks would answer
+        searches for ever. Every manifest row counts the chunks it owns (`chunk_count`), so
+        the table holds exactly their sum; only when it does not (one `count_rows` and a
+        scan of the manifest's counts) are the chunks' document keys read, a column at a
+        time, and those of documents without a row that owns chunks deleted."""
+        import pyarrow.compute as pc
+
+        if not self.has_chunks():
+            return 0, 0
+        tbl = self.table(self.chunks_name)
+        total = int(tbl.count_rows())
+        owned: set[str] = set()
+        expected = 0
+        if self.has(self.documents_name):
+            rows = (
+                self.documents()
+                .search()
+                .where("chunk_count > 0")
+                .select(["doc_key", "chunk_count"])
+                .limit(None)
+                .to_arrow()
+            )
+            expected = int(pc.sum(rows.column("chunk_count")).as_py() or 0)
+            owned = set(rows.column("doc_key").to_pylist())
+        if total == expected:
+            return 0, 0
+        keys: set[str] = set()
+        scanner = lance_of(tbl, self.cache_size).scanner(columns=["doc_key"], batch_size=65536)
+        for part in scanner.to_batches():
+            keys.update(k for k in pc.unique(part.column(0)).to_pylist() if k not in owned)
+        if not keys:
+            log.warning(
+                "the chunks table has %d rows, its manifest counts %d, and every chunk's "
+                "document owns chunks: nothing removed",
+                total,
+                expected,
+            )
+            return 0, 0
+        stale = sorted(keys)
+        removed = 0
+        for i in range(0, len(stale), batch):
+            where = sql_in("doc_key", stale[i : i + batch])
+            removed += int(tbl.count_rows(where))
+            tbl.delete(where)
+        return removed, len(stale)
+
     def document_rows(self, doc_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not doc_keys or not self.has(self.documents_name):
             return {}

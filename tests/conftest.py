@@ -142,6 +142,17 @@ def write_records(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+def pytest_report_header(config) -> list[str]:
+    """The free disk where the suite writes (its tmp dirs, the checkout's .venv and
+    .azurite): a run that fails with 'No space left on device' then says how little there
+    was at the start. The suite itself keeps under about 1 GiB of scratch at a time."""
+    lines = []
+    for label, where in (("tmp", tempfile.gettempdir()), ("checkout", str(Path.cwd()))):
+        free = shutil.disk_usage(where).free / 2**30
+        lines.append(f"disk free in {label} ({where}): {free:.1f} GiB")
+    return lines
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `scifact` need the shared SciFact set beside the checkout: skipped in a
     plain clone, but a failure when LANCEFLOW_REQUIRE_SCIFACT=1 (CI), so they cannot be
@@ -228,6 +239,9 @@ def table_snapshot(db: str) -> dict:
         (r["source_uri"], r["doc_id"]): (r["content_hash"], r["chunk_count"], r["status"])
         for r in docs
     }
+    # every chunk is owned by a manifest row that counts it (Store.remove_unowned_chunks
+    # relies on this to tell, by one count, that an interrupted run left none unowned)
+    assert sum(r["chunk_count"] or 0 for r in docs) == len(ids), "manifest counts != chunks"
     fp = store.generation.fingerprint if store.generation else None
     return {"chunks": chunks, "manifest": manifest, "fingerprint": fp}
 

@@ -51,6 +51,8 @@ class Faults:
     malformed: float = 0.0
     poison: str | None = None  # a 400 for any request holding an input with this substring
     quota_exhausted: bool = False
+    # a 500 for these requests (1 = the first the server receives), whatever the rolls say
+    fail_requests: frozenset[int] = frozenset()
     seed: int = 7
 
 
@@ -176,6 +178,8 @@ class FakeOpenAI:
             self.stats.requests += 1
             self.stats.auth_headers.append(h.headers.get("Authorization", ""))
             roll = {k: self._rng.random() for k in ("e500", "slow", "drop", "bad")}
+            if self.stats.requests in self.faults.fail_requests:
+                roll["e500"] = -1.0
         if h.path.rstrip("/") != "/v1/embeddings":
             self._send(h, 404, self._error("Unknown endpoint", "invalid_request_error"))
             return

@@ -254,6 +254,37 @@ def test_a_crash_at_each_point_converges_to_the_clean_build(
     assert Store(db).indexes_current()
 
 
+def test_chunks_committed_by_a_crashed_run_go_when_their_document_is_gone_or_now_fails(
+    corpus, tmp_path, cli_env
+):
+    """A run killed after its commit and before its manifest rows leaves chunks that no
+    manifest row owns. If their file is deleted, or no longer parses, before the next run,
+    that run must still remove them: else they answer searches for ever."""
+    db, clean = str(tmp_path / "db"), str(tmp_path / "clean")
+    args = ("--batch-docs", "2", "--json")
+    _crash(cli_env, "ingest", str(corpus), "--table", db, *args, point="after-chunk-commit")
+    orphans = Store(db).chunks_table().count_rows()
+    assert orphans > 0 and Store(db).documents().count_rows() == 0
+    (corpus / "guides" / "coffee.txt").unlink()  # gone
+    (corpus / "reports" / "expenses.pdf").write_bytes(b"%PDF-1.4 not a pdf any more")  # fails
+    rerun = json.loads(run_cli(cli_env, "ingest", str(corpus), "--table", db, *args).stdout)
+    assert rerun["documents"]["failed"] == 1
+    assert rerun["chunks"]["deleted"] > 0  # the orphans' removal is counted
+    run_cli(cli_env, "ingest", str(corpus), "--table", clean, *args, check=False)
+    assert table_snapshot(db) == table_snapshot(clean)
+    keys = set(
+        Store(db)
+        .chunks_table()
+        .search()
+        .select(["doc_id"])
+        .limit(None)
+        .to_arrow()
+        .column("doc_id")
+        .to_pylist()
+    )
+    assert "guides/coffee.txt" not in keys and "reports/expenses.pdf" not in keys
+
+
 @pytest.mark.parametrize("point", ["after-chunk-commit:2", "before-switch", "after-switch"])
 def test_a_crash_during_a_reindex_resumes_and_converges(corpus, tmp_path, cli_env, point):
     db, clean = str(tmp_path / "db"), str(tmp_path / "clean")

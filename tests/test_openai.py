@@ -328,3 +328,50 @@ def test_fleet_budget_uses_prefect_global_concurrency_limits(server):
     # every request took its slots from the shared limits (decaying at 1 slot a second)
     assert requests.active_slots >= emb.requests_sent - 30
     assert tokens.active_slots > 100
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_long_document_whose_stream_fails_midway_is_streamed_again_by_the_retry(
+    server, tmp_path, monkeypatch
+):
+    """A long document is written a segment at a time (tasks.streaming). When a request
+    fails every try mid-document, the task's retry must stream it again from the start (its
+    written segments replaced, not doubled), not take it for done: else it has no manifest
+    row and its chunks belong to no document."""
+    from flows.ingest import run_ingest
+    from tasks.streaming import SEGMENT_BYTES, STREAM_MIN_BYTES
+
+    srv, url = server(faults=Faults(fail_requests=frozenset({3})))
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = synthetic_records(400, seed=9)
+    text, i = [], 0
+    while sum(map(len, text)) < STREAM_MIN_BYTES + 2 * SEGMENT_BYTES:
+        text.append(f"## {rows[i % 400]['title']} {i}\n\n{rows[i % 400]['text']}\n\n")
+        i += 1
+    (src / "handbook.md").write_text("".join(text), encoding="utf-8")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    db = tmp_path / "db"
+    params = IngestParams.model_validate(
+        {
+            "source": {"uri": str(src)},
+            "store": {"uri": str(db)},
+            "embedder": {
+                "kind": "openai",
+                "base_url": url,
+                "dimensions": 64,
+                "max_attempts": 1,  # the failed request fails the task: Prefect retries it
+                "tpm": 10_000_000,
+            },
+        }
+    )
+    report = run_ingest(params)
+    assert srv.stats.status[500] == 1  # the fault happened, past the first segment
+    assert report.documents.new == 1 and report.documents.failed == 0
+    store = Store(str(db))
+    ids = store.table(CHUNKS).search().select(["chunk_id"]).limit(None).to_arrow()
+    ids = ids.column("chunk_id").to_pylist()
+    (row,) = store.documents().search().limit(None).to_arrow().to_pylist()
+    assert row["status"] == "ok"
+    assert len(ids) == len(set(ids)) == row["chunk_count"] == report.chunks.written > 0

@@ -68,6 +68,15 @@ def heading_outline(
     return offsets, paths
 
 
+def has_content(text: str) -> bool:
+    """Whether a piece holds a letter or a digit, in any script. The splitter packs words up
+    to the budget and may leave the sentence's closing '.' (or a lone ')', a run of dashes)
+    as a piece of its own: such a chunk says nothing, yet would be embedded, stored and
+    matched (a real model gives it a generic vector near the middle of the space; the hash
+    embedder a zero vector, which the cosine vector index leaves out)."""
+    return any(ch.isalnum() for ch in text)
+
+
 class Chunker:
     """Splits parsed documents with one tokenizer and one budget."""
 
@@ -144,13 +153,15 @@ class Chunker:
         if self.whole:
             text = doc.text.strip()
             start = doc.text.find(text[:1]) if text else 0
-            return [ChunkSpan(doc.doc_id, 0, text, start, start + len(text))] if text else []
+            if not has_content(text):
+                return []
+            return [ChunkSpan(doc.doc_id, 0, text, start, start + len(text))]
         splitter = self._markdown if doc.markdown else self._text
         inherited = " > ".join(t for _, t in headings) if headings else ""
         offsets, paths = heading_outline(doc.text, headings) if doc.markdown else ([], [])
         spans: list[ChunkSpan] = []
         for start, piece in splitter.chunk_indices(doc.text):
-            if not piece.strip():
+            if not has_content(piece):
                 continue
             end = start + len(piece)
             span = ChunkSpan(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 log = logging.getLogger(__name__)
 
 #: bump when lanceflow's own chunking (offsets, headings, whitespace) changes its output
-CHUNKING_VERSION = "1"
+CHUNKING_VERSION = "2"  # 2: a piece without a letter or digit is no chunk
 
 #: fields that decide the vectors a text gets; the rest decide which texts there are
 EMBEDDING_FIELDS = (

@@ -82,3 +82,36 @@ def test_pdf_chunks_carry_page_numbers(tokenizer):
 def test_bad_settings_are_refused(tokenizer):
     with pytest.raises(ConfigurationError):
         Chunker(tokenizer, 32, overlap=32)
+
+
+def test_a_piece_without_a_letter_or_digit_is_no_chunk(tokenizer):
+    """Packing words up to the budget leaves a sentence's closing '.' as a piece of its
+    own, often enough to matter (0.2 % of the chunks of benchmarks/ray_scale.py's corpus):
+    it would be embedded and matched like a chunk. A piece of punctuation alone is dropped;
+    the chunks around it keep their exact offsets, and a document of nothing else has none."""
+    import random
+
+    rng = random.Random(0)
+    words = "index vector table night batch search source model chunk token lance".split()
+    texts = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + "." for _ in range(300)
+    ]
+    texts += ["비밀번호는 90일마다 변경합니다. 변경 주기는 보안팀이 정합니다."] * 3
+    dropped = 0
+    for chunker in (Chunker(None, 8, words=True), Chunker(tokenizer, 8)):
+        for i, text in enumerate(texts):
+            doc = ParsedDocument(f"d{i}", text, "")
+            spans = chunker.split(doc)
+            assert spans and all(any(c.isalnum() for c in s.text) for s in spans)
+            assert [s.index for s in spans] == list(range(len(spans)))
+            for s in spans:
+                assert doc.text[s.char_start : s.char_end] == s.text
+            covered = "".join(s.text for s in spans)
+            dropped += sum(1 for c in text if c not in " ") - sum(1 for c in covered if c != " ")
+    assert dropped > 0  # the corpus does produce such pieces: the guard above was exercised
+    for chunker in (
+        Chunker(None, 8, words=True),
+        Chunker(tokenizer, 8),
+        Chunker(tokenizer, 8, whole=True),
+    ):
+        assert chunker.split(ParsedDocument("p", " . -- ) ... ", "")) == []

@@ -518,21 +518,16 @@ class Store:
             return 0, 0
         tbl = self.table(self.chunks_name)
         total = int(tbl.count_rows())
-        owned: set[str] = set()
-        expected = 0
-        if self.has(self.documents_name):
-            rows = (
-                self.documents()
-                .search()
-                .where("chunk_count > 0")
-                .select(["doc_key", "chunk_count"])
-                .limit(None)
-                .to_arrow()
-            )
-            expected = int(pc.sum(rows.column("chunk_count")).as_py() or 0)
-            owned = set(rows.column("doc_key").to_pylist())
+        has_docs = self.has(self.documents_name)
+
+        def owners(columns: list[str]) -> pa.Table:
+            query = self.documents().search().where("chunk_count > 0").select(columns)
+            return query.limit(None).to_arrow()
+
+        expected = int(pc.sum(owners(["chunk_count"]).column(0)).as_py() or 0) if has_docs else 0
         if total == expected:
             return 0, 0
+        owned = set(owners(["doc_key"]).column(0).to_pylist()) if has_docs else set()
         keys: set[str] = set()
         scanner = lance_of(tbl, self.cache_size).scanner(columns=["doc_key"], batch_size=65536)
         for part in scanner.to_batches():

@@ -9,7 +9,9 @@ indexes dropped, the process pinned to that many cores (CPU affinity, inherited 
 threads), then, timed one after another: text_idx (English FTS), text_cjk_idx (bigram FTS),
 the B-tree key indexes, vector_idx (IVF-PQ, lancedb's defaults, as an ingest builds it). Also
 reports the vector index's partitions and the rows they hold against the table's rows (Lance's
-index statistics). Prints one JSON object: seconds per step and core count, and
+index statistics), and each step's CPU seconds (`cpu_s`: user + system of every thread; CPU
+seconds near a step's wall seconds on two cores mean it ran on one). Prints one JSON object:
+seconds per step and core count, and
 `two_over_one` (1-core seconds / 2-core seconds) per step; `total` is the child's whole run
 (start-up and dropping the copy's indexes included).
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 def build_all(table: str, cores: int) -> dict[str, object]:
     """In a child pinned to `cores`: drop the copy's indexes and build each, timed."""
     code = f"""
-import json, os, time
+import json, os, resource, time
 os.sched_setaffinity(0, set(range({cores})))
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 from tasks.store import CHUNK_KEYS, Store
@@ -44,8 +46,14 @@ for ix in tbl.list_indices():
     tbl.drop_index(ix.name)
 tbl = store.chunks_table()
 out = {{}}
+cpu = {{}}
+def cpu_now():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 def step(name, fn):
-    t = time.perf_counter(); fn(); out[name] = round(time.perf_counter() - t, 2)
+    t, c = time.perf_counter(), cpu_now(); fn()
+    out[name] = round(time.perf_counter() - t, 2)
+    cpu[name] = round(cpu_now() - c, 2)
 step("text_idx", lambda: tbl.create_fts_index("text", replace=True, language="English",
      stem=True, remove_stop_words=True, lower_case=True, ascii_folding=True))
 step("text_cjk_idx", lambda: tbl.create_fts_index("text_cjk", replace=True,
@@ -60,6 +68,7 @@ ix = ds.stats.index_stats("vector_idx")["indices"][0]
 out["vector_partitions"] = ix["num_partitions"]
 out["vector_rows_in_partitions"] = sum(p["size"] for p in ix["partitions"])
 out["rows"] = ds.count_rows()
+out["cpu_s"] = cpu
 print(json.dumps(out))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))

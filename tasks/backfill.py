@@ -150,17 +150,17 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
     if params.runner == "ray":
         import lance_ray
 
-        from tasks.ray_runner import connect, worker_env
+        from tasks.ray_runner import ray_session, worker_env
 
-        connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)
-        lance_ray.add_columns(
-            uri,
-            transform=transform,
-            read_columns=["text", "text_hash"],
-            storage_options=options,
-            concurrency=params.ray_workers,
-            ray_remote_args={"runtime_env": {"env_vars": worker_env()}},
-        )
+        with ray_session(params.ray_address, params.ray_cpus, params.ray_memory_mb):
+            lance_ray.add_columns(
+                uri,
+                transform=transform,
+                read_columns=["text", "text_hash"],
+                storage_options=options,
+                concurrency=params.ray_workers,
+                ray_remote_args={"runtime_env": {"env_vars": worker_env()}},
+            )
         embedded = rows  # the workers' counts stay there: rows (a repeated text is sent once)
     else:
         ds.add_columns(transform, read_columns=["text", "text_hash"])

@@ -35,6 +35,7 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,6 +285,46 @@ def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 5
     return ray
 
 
+@contextmanager
+def ray_session(
+    address: str | None,
+    num_cpus: int | None = None,
+    memory_mb: int = 512,
+    timings: dict[str, float] | None = None,
+) -> Iterator[Any]:
+    """connect() for one coarse step (`timings['ray_start']`: its seconds). A connection this
+    opens is closed when the step ends: a local instance it started stops with its worker
+    processes, so their memory (every actor's model, the heaps the pipeline grew, their maps
+    of the object store) is not held through the index refresh that follows, nor by a
+    long-lived process between runs. A connection the process had already (a notebook's, a
+    test session's, the step before's) is kept."""
+    ray = _import_ray()
+    opened = not ray.is_initialized()
+    clock = time.perf_counter()
+    ray = connect(address, num_cpus, memory_mb)
+    if timings is not None:
+        timings["ray_start"] = round(time.perf_counter() - clock, 3)
+    try:
+        yield ray
+    finally:
+        if opened:
+            disconnect(ray, timings)
+
+
+def disconnect(ray: Any, timings: dict[str, float] | None = None) -> None:
+    """Leave the cluster; a local instance this process started stops (`timings['ray_stop']`:
+    its seconds)."""
+    global _LOCAL_ENV
+    clock = time.perf_counter()
+    try:
+        ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the run's work is done; a stray process is not fatal
+        log.warning("stopping Ray failed: %s: %s", type(exc).__name__, exc)
+    _LOCAL_ENV = None
+    if timings is not None:
+        timings["ray_stop"] = round(time.perf_counter() - clock, 3)
+
+
 #: Ray's own setting (an environment variable a user may set) for how many worker processes
 #: a node keeps alive when idle
 SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
@@ -367,10 +408,8 @@ def run_pipeline(
     corpus); fragments are small metadata records.
     """
     params = job.params
-    clock = time.perf_counter()
     timings = {} if stage_seconds is None else stage_seconds
-    ray = connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)
-    timings["ray_start"] = round(time.perf_counter() - clock, 3)
+    ray = connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)  # the session's
     clock = time.perf_counter()
     import ray.data as rd
 
@@ -500,13 +539,16 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
         data_storage_version=file_version,
     )
     batches = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
-    fragments, spill, embedded, cached, chunks = run_pipeline(
-        job,
-        batches,
-        workers=params.ray_workers,
-        gpus_per_worker=params.ray_gpus_per_worker,
-        stage_seconds=run.report.stage_seconds,
-    )
+    timings = run.report.stage_seconds
+    # the commit and the rest of the run are the driver's: a local instance stops first
+    with ray_session(params.ray_address, params.ray_cpus, params.ray_memory_mb, timings):
+        fragments, spill, embedded, cached, chunks = run_pipeline(
+            job,
+            batches,
+            workers=params.ray_workers,
+            gpus_per_worker=params.ray_gpus_per_worker,
+            stage_seconds=timings,
+        )
     clock = time.perf_counter()
     result = RayResult(embedded=embedded, cached=cached, fragments=len(fragments))
     try:

@@ -61,7 +61,8 @@ class IngestReport(BaseModel):
     cost_usd: float = 0.0  # their estimated cost at the configured price
     seconds: float = 0.0
     #: wall seconds of the run's stages: 'pipeline' (read, parse, chunk, embed and write the
-    #: documents to process), on Ray also 'ray_start' (joining or starting the cluster) and
+    #: documents to process), on Ray also 'ray_start' (joining or starting the cluster),
+    #: 'ray_stop' (leaving it: a local instance the run started stops before the commit) and
     #: 'commit' (the one table commit and the manifest rows); on Ray, documents too long for
     #: a shard are streamed on the driver after 'commit' and counted in neither; 'indexes':
     #: the index refresh that ends a run (compaction, index builds and folding, pruning),

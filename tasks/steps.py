@@ -88,7 +88,11 @@ def list_documents(run: IngestRun) -> Plan:
     run.source.listing_errors.clear()
     run.source.skipped_links.clear()
     plan = plan_run(run)
-    run.persist_target()
+    try:
+        run.persist_target()
+    except BaseException:
+        plan.cleanup()  # its spilled listing: a failed (or retried) task leaves no folder
+        raise
     run.report.documents.seen = plan.seen
     run.report.documents.unchanged = plan.unchanged
     run.report.listing_complete = plan.listing_complete

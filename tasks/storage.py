@@ -350,6 +350,12 @@ def lance_options(
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and not os.environ.get("AWS_ENDPOINT"):
             merged["aws_endpoint"] = endpoint
+        if is_ddb(uri):
+            # Lance's DynamoDB client reads neither of the SDKs' endpoint variables: without
+            # this, an S3-compatible setup (LocalStack, moto) reaches AWS for its commits
+            ddb = os.environ.get("AWS_ENDPOINT_URL_DYNAMODB") or os.environ.get("AWS_ENDPOINT_URL")
+            if ddb:
+                merged["dynamodb_endpoint"] = ddb
         if os.environ.get("AWS_ALLOW_HTTP"):
             merged["allow_http"] = os.environ["AWS_ALLOW_HTTP"]
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -360,3 +366,100 @@ def lance_options(
     merged.update(options or {})
     plain = reveal(merged)
     return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in plain.items()}
+
+
+# ---- s3+ddb: Lance's DynamoDB commit store ----------------------------------------------------
+
+#: the key schema Lance's DynamoDB commit store writes: one item per committed version
+DDB_KEYS = {"base_uri": "HASH", "version": "RANGE"}
+
+
+def is_ddb(uri: str) -> bool:
+    return uri.lower().startswith("s3+ddb://")
+
+
+def ddb_table_name(uri: str) -> str:
+    """The DynamoDB table an `s3+ddb://bucket/path?ddbTableName=NAME` table commits through."""
+    from urllib.parse import parse_qs
+
+    names = parse_qs(urlsplit(uri).query).get("ddbTableName", [])
+    if not names or not names[0]:
+        raise ConfigurationError(
+            f"{redact_uri(uri)}: an s3+ddb:// table names its DynamoDB commit store: "
+            "s3+ddb://bucket/path?ddbTableName=TABLE"
+        )
+    return names[0]
+
+
+def _first(options: dict[str, str], *keys: str) -> str | None:
+    return next((options[k] for k in keys if options.get(k)), None)
+
+
+def check_commit_store(uri: str, options: dict[str, str] | None) -> None:
+    """Before anything is written to an `s3+ddb://` table: its DynamoDB table exists, with
+    the key schema Lance writes (`base_uri` hash key, `version` range key), and answers with
+    the table's credentials, region and endpoint. Lance reports each of those faults at the
+    first commit as an opaque SDK error. Needs botocore (every s3fs install has it);
+    without it, Lance's own errors stand."""
+    if not is_ddb(uri):
+        return
+    name = ddb_table_name(uri)
+    try:
+        import botocore.session
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - an install without s3fs
+        return
+    opts = options or {}
+    endpoint = _first(opts, "dynamodb_endpoint")
+    client = botocore.session.get_session().create_client(
+        "dynamodb",
+        region_name=_first(opts, "aws_region", "region") or None,
+        endpoint_url=endpoint,
+        aws_access_key_id=_first(opts, "aws_access_key_id", "access_key_id"),
+        aws_secret_access_key=_first(opts, "aws_secret_access_key", "secret_access_key"),
+        aws_session_token=_first(opts, "aws_session_token", "session_token", "token"),
+        # the endpoint Lance will use, not one from ~/.aws/config or AWS_ENDPOINT_URL (which
+        # Lance's DynamoDB client does not read; lance_options maps the variables)
+        config=Config(
+            connect_timeout=10,
+            read_timeout=20,
+            retries={"max_attempts": 3},
+            ignore_configured_endpoint_urls=True,
+        ),
+    )
+    where = f"DynamoDB table {name!r} (the commit store of {redact_uri(uri)})" + (
+        f" at {redact_uri(endpoint)}" if endpoint else ""
+    )
+    create = (
+        "create it with hash key base_uri (string) and range key version (number): "
+        f"aws dynamodb create-table --table-name {name} --attribute-definitions "
+        "AttributeName=base_uri,AttributeType=S AttributeName=version,AttributeType=N "
+        "--key-schema AttributeName=base_uri,KeyType=HASH "
+        "AttributeName=version,KeyType=RANGE --billing-mode PAY_PER_REQUEST"
+    )
+    try:
+        table = client.describe_table(TableName=name)["Table"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "ResourceNotFoundException":
+            raise ConfigurationError(f"{where} does not exist: {create}") from None
+        raise ConfigurationError(
+            f"{where}: {code or 'error'}: {redact_text(str(exc), opts)}. Check the table's "
+            "credentials and region (--table-option aws_region=..., or AWS_REGION), and for a "
+            "DynamoDB-compatible server dynamodb_endpoint (or AWS_ENDPOINT_URL_DYNAMODB)"
+        ) from None
+    except BotoCoreError as exc:
+        raise ConfigurationError(
+            f"{where} cannot be reached: {redact_text(str(exc), opts)}. Set its region "
+            "(aws_region), credentials, and for a DynamoDB-compatible server "
+            "dynamodb_endpoint (or AWS_ENDPOINT_URL_DYNAMODB)"
+        ) from None
+    finally:
+        client.close()
+    keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}
+    if keys != DDB_KEYS:
+        raise ConfigurationError(
+            f"{where} has the key schema {keys}, not the one Lance writes ({DDB_KEYS}): "
+            f"use another table, and {create}"
+        )

@@ -319,6 +319,9 @@ class Store:
                     f"cannot open LanceDB at {redact_uri(uri)!r}: "
                     + redact_text(str(exc), storage_options)
                 ) from None
+            from tasks.storage import check_commit_store
+
+            check_commit_store(uri, storage_options)  # s3+ddb: before anything is written
         self.db = _db
         self._generation = _generation
         self._bound = _generation is not None

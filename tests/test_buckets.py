@@ -428,3 +428,96 @@ def test_concurrent_commits_to_a_table_in_the_bucket_lose_nothing(aws_env: S3Ser
     assert tbl.count_rows() == 100
     assert len(tbl.list_versions()) == 21  # the empty table and 20 commits, none lost
     assert aws_env.counts["conditional_put"] >= 20
+
+
+def _commit_store(s3: S3Server, name: str, keys: tuple[str, str] = ("base_uri", "version")):
+    """A DynamoDB table on the same moto server (it serves every AWS API it emulates)."""
+    import boto3
+
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=s3.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
+    hash_key, range_key = keys
+    client.create_table(
+        TableName=name,
+        KeySchema=[
+            {"AttributeName": hash_key, "KeyType": "HASH"},
+            {"AttributeName": range_key, "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": hash_key, "AttributeType": "S"},
+            {"AttributeName": range_key, "AttributeType": "N"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return client
+
+
+def test_an_s3_ddb_table_commits_every_version_through_dynamodb(aws_env: S3Server):
+    """`s3+ddb://` (Lance's DynamoDB commit store, for stores without conditional PUT): the
+    endpoint comes from AWS_ENDPOINT_URL as for S3, every version of the chunks table that a
+    run commits (its data commit, index builds, compaction) is an item in the DynamoDB table,
+    and a second run after an edit, and a search, work as on s3://."""
+    from tasks.search import search
+    from tasks.store import store_at
+
+    s3, fs = aws_env, _fs(aws_env)
+    ddb = _commit_store(s3, "lance-commits")
+    objects = _fill(fs, "ddb-docs")
+    fs.mkdir("ddb-index")
+    table = "s3+ddb://ddb-index/team?ddbTableName=lance-commits"
+
+    def committed() -> dict[str, set[int]]:
+        items = ddb.scan(TableName="lance-commits", ConsistentRead=True)["Items"]
+        out: dict[str, set[int]] = {}
+        for item in items:
+            out.setdefault(item["base_uri"]["S"], set()).add(int(item["version"]["N"]))
+        return out
+
+    def chunk_versions() -> tuple[str, set[int]]:
+        store = store_at(table)
+        ds = store.chunks_table().to_lance()
+        return store.chunks_name, {v["version"] for v in ds.versions()}
+
+    first = _run("s3://ddb-docs/handbook/", table)
+    assert _counts(first) == (DOCUMENTS, 0, 0, 0, 0), first.failures
+    name, versions = chunk_versions()
+    (base,) = [u for u in committed() if u.endswith(f"{name}.lance")]
+    assert len(versions) > 2 and committed()[base] == versions
+
+    fs.pipe(
+        "ddb-docs/handbook/guides/coffee.txt",
+        objects["handbook/guides/coffee.txt"] + b"\nDescale monthly.\n",
+    )
+    second = _run("s3://ddb-docs/handbook/", table)
+    assert _counts(second) == (0, 1, DOCUMENTS - 1, 0, 0)
+    _, after = chunk_versions()
+    assert after > versions and committed()[base] == after
+    assert search(store_at(table), "descale", mode="fts", k=3)[0].doc_id == "guides/coffee.txt"
+
+
+@pytest.mark.parametrize("fault", ["missing", "wrong keys"])
+def test_an_s3_ddb_table_without_its_commit_store_is_refused_before_any_write(
+    aws_env: S3Server, fault: str
+):
+    """Lance reports a missing or mis-keyed commit store only at its first commit, as an
+    opaque SDK error; the run refuses it before writing anything, saying how to create it."""
+    from tasks.errors import LanceflowError
+
+    s3, fs = aws_env, _fs(aws_env)
+    name = f"commits-{fault.replace(' ', '-')}"
+    if fault == "wrong keys":
+        _commit_store(s3, name, keys=("path", "version"))
+    fs.mkdir(f"ddb-{name}")
+    fs.pipe(f"ddb-{name}/docs/a.md", b"# A\n\nOne document.\n")
+    table = f"s3+ddb://ddb-{name}/index?ddbTableName={name}"
+    with pytest.raises(LanceflowError) as err:
+        _run(f"s3://ddb-{name}/docs/", table)
+    message = str(err.value)
+    assert name in message and "base_uri" in message and "create-table" in message
+    assert SECRET not in message
+    assert fs.ls(f"ddb-{name}") == [f"ddb-{name}/docs"]  # nothing written for the table

@@ -176,6 +176,36 @@ def test_ray_writes_the_default_runners_table_in_one_commit(reference, tmp_path,
     assert again.documents.unchanged == DOCS and again.chunks.embedded == 0
 
 
+def test_a_run_that_starts_ray_stops_it_and_its_workers_before_the_commit(
+    reference, tmp_path, monkeypatch
+):
+    """The CLI's case: no connection before the run. The local instance the run starts, and
+    with it every worker process (each actor's model, the heaps the pipeline grew), is gone
+    before the commit and the index refresh, not held to the end of the process."""
+    import psutil
+
+    src, expected, _ = reference
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
+    ray.shutdown()  # the module's connection: this run must open (and close) its own
+    try:
+        report = run_ingest(_params(src, tmp_path / "db", "ray", ray_cpus=2))
+        assert not ray.is_initialized()
+        assert {"ray_start", "pipeline", "ray_stop", "commit"} <= set(report.stage_seconds)
+        workers = {pid for pid, _ in _calls(log)}
+        assert workers and os.getpid() not in workers
+        deadline = time.monotonic() + 30
+        while alive := [p for p in workers if psutil.pid_exists(p)]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not alive, f"Ray worker processes {alive} outlived the run's Ray session"
+        assert table_snapshot(str(tmp_path / "db")) == expected
+    finally:
+        monkeypatch.undo()  # the module's instance: its workers must not inherit this test's log
+        ray_runner.connect(None, num_cpus=2)
+
+
 def test_a_killed_ray_worker_costs_at_most_one_shard(reference, tmp_path, monkeypatch):
     src, expected, ref_report = reference
     log = tmp_path / "calls.log"

@@ -231,7 +231,12 @@ def _by_role(values: dict[int, float], roles: dict[int, str], digits: int) -> di
 
 
 def ingest_cmd(
-    corpus: Path, db: Path, runner: str, chunk_tokens: int, batch_docs: int
+    corpus: Path,
+    db: Path,
+    runner: str,
+    chunk_tokens: int,
+    batch_docs: int,
+    ray_memory_mb: int | None = None,
 ) -> tuple[list[str], int | None]:
     """`lanceflow ingest` of `corpus` with the hash embedder on `runner` ('local', 'rayN'),
     and the cores to pin it to (N for rayN, None for the default runner)."""
@@ -240,7 +245,10 @@ def ingest_cmd(
     if not runner.startswith("ray"):
         return cmd, None
     n = runner[3:] or "2"
-    return [*cmd, "--runner", "ray", "--ray-workers", n, "--ray-cpus", n], int(n)
+    cmd += ["--runner", "ray", "--ray-workers", n, "--ray-cpus", n]
+    if ray_memory_mb is not None:
+        cmd += ["--ray-memory-mb", str(ray_memory_mb)]
+    return cmd, int(n)
 
 
 def warm_up(
@@ -280,6 +288,11 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=48)
     ap.add_argument("--batch-docs", type=int, default=256)
     ap.add_argument(
+        "--ray-memory-mb",
+        type=int,
+        help="the Ray runs' --ray-memory-mb (default: lanceflow's)",
+    )
+    ap.add_argument(
         "--trace-dir",
         type=Path,
         help="write each ingest's RSS over time to DIR/SIZE-RUNNER.jsonl (one line a second)",
@@ -302,7 +315,9 @@ def main() -> None:
             sys.stderr.write(f"generated {size} documents in {time.perf_counter() - t:.1f}s\n")
             for runner in args.runners.split(","):
                 db = work / f"db-{size}-{runner}"
-                cmd, cores = ingest_cmd(corpus, db, runner, args.chunk_tokens, args.batch_docs)
+                cmd, cores = ingest_cmd(
+                    corpus, db, runner, args.chunk_tokens, args.batch_docs, args.ray_memory_mb
+                )
                 trace = args.trace_dir / f"{size}-{runner}.jsonl" if args.trace_dir else None
                 ran = run_tree(cmd, env, cores, trace)
                 seconds, peak = ran.seconds, ran.peak

@@ -412,6 +412,17 @@ def check_commit_store(uri: str, options: dict[str, str] | None) -> None:
         return
     opts = options or {}
     endpoint = _first(opts, "dynamodb_endpoint")
+    limits: dict[str, Any] = {
+        "connect_timeout": 10,
+        "read_timeout": 20,
+        "retries": {"max_attempts": 3},
+    }
+    try:
+        # the endpoint Lance will use, not one from ~/.aws/config or AWS_ENDPOINT_URL (which
+        # Lance's DynamoDB client does not read; lance_options maps the variables)
+        config = Config(**limits, ignore_configured_endpoint_urls=True)
+    except TypeError:  # pragma: no cover - botocore before 1.31 has no configured endpoints
+        config = Config(**limits)
     client = botocore.session.get_session().create_client(
         "dynamodb",
         region_name=_first(opts, "aws_region", "region") or None,
@@ -419,14 +430,7 @@ def check_commit_store(uri: str, options: dict[str, str] | None) -> None:
         aws_access_key_id=_first(opts, "aws_access_key_id", "access_key_id"),
         aws_secret_access_key=_first(opts, "aws_secret_access_key", "secret_access_key"),
         aws_session_token=_first(opts, "aws_session_token", "session_token", "token"),
-        # the endpoint Lance will use, not one from ~/.aws/config or AWS_ENDPOINT_URL (which
-        # Lance's DynamoDB client does not read; lance_options maps the variables)
-        config=Config(
-            connect_timeout=10,
-            read_timeout=20,
-            retries={"max_attempts": 3},
-            ignore_configured_endpoint_urls=True,
-        ),
+        config=config,
     )
     where = f"DynamoDB table {name!r} (the commit store of {redact_uri(uri)})" + (
         f" at {redact_uri(endpoint)}" if endpoint else ""

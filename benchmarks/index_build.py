@@ -7,7 +7,8 @@ Without --table, generates --docs documents (benchmarks/ray_scale.py's generator
 them with `--embedder hash` first (untimed). For each core count, a copy of the table with its
 indexes dropped, the process pinned to that many cores (CPU affinity, inherited by Lance's
 threads), then, timed one after another: text_idx (English FTS), text_cjk_idx (bigram FTS),
-the B-tree key indexes, vector_idx (IVF-PQ, lancedb's defaults, as an ingest builds it). Also
+the B-tree key indexes, vector_idx (IVF-PQ, lancedb's defaults): the very calls an ingest's
+refresh makes (tasks.store's build_* functions). Also
 reports the vector index's partitions and the rows they hold against the table's rows (Lance's
 index statistics), and each step's CPU seconds (`cpu_s`: user + system of every thread; CPU
 seconds near a step's wall seconds on two cores mean it ran on one). Prints one JSON object:
@@ -39,7 +40,8 @@ def build_all(table: str, cores: int) -> dict[str, object]:
 import json, os, resource, time
 os.sched_setaffinity(0, set(range({cores})))
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
-from tasks.store import CHUNK_KEYS, Store
+from tasks.store import (CHUNK_KEYS, Store, build_cjk_index, build_key_index,
+    build_text_index, build_vector_index)
 store = Store({table!r})
 tbl = store.chunks_table()
 for ix in tbl.list_indices():
@@ -54,15 +56,10 @@ def step(name, fn):
     t, c = time.perf_counter(), cpu_now(); fn()
     out[name] = round(time.perf_counter() - t, 2)
     cpu[name] = round(cpu_now() - c, 2)
-step("text_idx", lambda: tbl.create_fts_index("text", replace=True, language="English",
-     stem=True, remove_stop_words=True, lower_case=True, ascii_folding=True))
-step("text_cjk_idx", lambda: tbl.create_fts_index("text_cjk", replace=True,
-     base_tokenizer="ngram", ngram_min_length=2, ngram_max_length=2, prefix_only=False,
-     lower_case=True, stem=False, remove_stop_words=False, ascii_folding=False))
-step("key_indexes", lambda: [tbl.create_scalar_index(c, index_type="BTREE", replace=True)
-     for c in CHUNK_KEYS])
-step("vector_idx", lambda: tbl.create_index(metric="cosine", vector_column_name="vector",
-     replace=True))
+step("text_idx", lambda: build_text_index(tbl))
+step("text_cjk_idx", lambda: build_cjk_index(tbl))
+step("key_indexes", lambda: [build_key_index(tbl, c) for c in CHUNK_KEYS])
+step("vector_idx", lambda: build_vector_index(tbl))
 ds = tbl.to_lance()
 ix = ds.stats.index_stats("vector_idx")["indices"][0]
 out["vector_partitions"] = ix["num_partitions"]

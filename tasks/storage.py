@@ -442,23 +442,22 @@ def check_commit_store(uri: str, options: dict[str, str] | None) -> None:
         "--key-schema AttributeName=base_uri,KeyType=HASH "
         "AttributeName=version,KeyType=RANGE --billing-mode PAY_PER_REQUEST"
     )
+    check = (
+        "Check the table's credentials and region (--table-option aws_region=..., or "
+        "AWS_REGION), and for a DynamoDB-compatible server dynamodb_endpoint (or "
+        "AWS_ENDPOINT_URL_DYNAMODB)"
+    )
     try:
         table = client.describe_table(TableName=name)["Table"]
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "ResourceNotFoundException":
             raise ConfigurationError(f"{where} does not exist: {create}") from None
-        raise ConfigurationError(
-            f"{where}: {code or 'error'}: {redact_text(str(exc), opts)}. Check the table's "
-            "credentials and region (--table-option aws_region=..., or AWS_REGION), and for a "
-            "DynamoDB-compatible server dynamodb_endpoint (or AWS_ENDPOINT_URL_DYNAMODB)"
-        ) from None
+        why = redact_text(str(exc), opts)
+        raise ConfigurationError(f"{where}: {code or 'error'}: {why}. {check}") from None
     except BotoCoreError as exc:
-        raise ConfigurationError(
-            f"{where} cannot be reached: {redact_text(str(exc), opts)}. Set its region "
-            "(aws_region), credentials, and for a DynamoDB-compatible server "
-            "dynamodb_endpoint (or AWS_ENDPOINT_URL_DYNAMODB)"
-        ) from None
+        why = redact_text(str(exc), opts)
+        raise ConfigurationError(f"{where} cannot be reached: {why}. {check}") from None
     finally:
         client.close()
     keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}

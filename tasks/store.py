@@ -691,7 +691,7 @@ class Store:
             total, max(KEY_INDEX_STALE_ROWS, int(KEY_INDEX_STALE_SHARE * total))
         ):
             for column in columns:
-                tbl.create_scalar_index(column, index_type="BTREE", replace=True)
+                build_key_index(tbl, column)
             stale = 0
         self._unindexed[name] = stale
 
@@ -774,41 +774,22 @@ class Store:
         created: list[str] = []
         rows = tbl.count_rows()
         if "text_idx" not in names:
-            tbl.create_fts_index(
-                "text",
-                replace=True,
-                language="English",
-                stem=True,
-                remove_stop_words=True,
-                lower_case=True,
-                ascii_folding=True,
-            )
+            build_text_index(tbl)
             created.append("text_idx")
             lap("text_idx")
         crash_point("during-index-refresh")
         if "text_cjk_idx" not in names:
-            tbl.create_fts_index(
-                "text_cjk",
-                replace=True,
-                base_tokenizer="ngram",
-                ngram_min_length=2,
-                ngram_max_length=2,
-                prefix_only=False,
-                lower_case=True,
-                stem=False,
-                remove_stop_words=False,
-                ascii_folding=False,
-            )
+            build_cjk_index(tbl)
             created.append("text_cjk_idx")
             lap("text_cjk_idx")
         for column in CHUNK_KEYS:
             if f"{column}_idx" not in names and rows:
-                tbl.create_scalar_index(column, index_type="BTREE", replace=True)
+                build_key_index(tbl, column)
                 created.append(f"{column}_idx")
                 lap("key_indexes")
         release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
         if "vector_idx" not in names and rows >= vector_index_min_rows:
-            tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
+            build_vector_index(tbl)
             created.append("vector_idx")
             release_free_heap()
             lap("vector_idx")
@@ -847,7 +828,7 @@ class Store:
             tbl = self.table(name)
             if name == self.documents_name and tbl.count_rows():
                 if "doc_key_idx" not in {ix.name for ix in tbl.list_indices()}:
-                    tbl.create_scalar_index("doc_key", index_type="BTREE", replace=True)
+                    build_key_index(tbl, "doc_key")
             optimize(tbl, cleanup_older_than)
             done.append(name)
         return done
@@ -861,6 +842,48 @@ _SQL_TYPES = {
     pa.string(): "STRING",
     pa.timestamp("us", tz="UTC"): "TIMESTAMP",
 }
+
+
+# ---- the chunks table's indexes, as `Store.refresh_indexes` builds them ----------------------
+
+
+def build_text_index(tbl: Any) -> None:
+    """text_idx: English full-text search (stemmed, stop words out, case and accents folded)."""
+    tbl.create_fts_index(
+        "text",
+        replace=True,
+        language="English",
+        stem=True,
+        remove_stop_words=True,
+        lower_case=True,
+        ascii_folding=True,
+    )
+
+
+def build_cjk_index(tbl: Any) -> None:
+    """text_cjk_idx: character bigrams of the CJK text, for Korean, Chinese and Japanese."""
+    tbl.create_fts_index(
+        "text_cjk",
+        replace=True,
+        base_tokenizer="ngram",
+        ngram_min_length=2,
+        ngram_max_length=2,
+        prefix_only=False,
+        lower_case=True,
+        stem=False,
+        remove_stop_words=False,
+        ascii_folding=False,
+    )
+
+
+def build_key_index(tbl: Any, column: str) -> None:
+    """A B-tree on a key column (CHUNK_KEYS, the manifest's doc_key): lookups and deletes."""
+    tbl.create_scalar_index(column, index_type="BTREE", replace=True)
+
+
+def build_vector_index(tbl: Any) -> None:
+    """vector_idx: IVF-PQ with LanceDB's defaults, cosine distance."""
+    tbl.create_index(metric="cosine", vector_column_name="vector", replace=True)
 
 
 def _add_missing_columns(tbl: Any, schema: pa.Schema) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -262,8 +263,6 @@ def write_uri(db_uri: str, table_uri: str) -> str:
     the table's dataset URI as lancedb reports it. lancedb drops an `s3+ddb://` database's
     scheme and query from it (fine for reading); a commit through it would bypass the
     DynamoDB commit store, so the scheme and `?ddbTableName=` are put back."""
-    from urllib.parse import urlparse
-
     db = urlparse(db_uri)
     if db.scheme != "s3+ddb":
         return table_uri
@@ -271,9 +270,16 @@ def write_uri(db_uri: str, table_uri: str) -> str:
     return table._replace(scheme=db.scheme, query=db.query).geturl()
 
 
-def lance_of(tbl: Any, cache_size: int) -> Any:
+def lance_of(tbl: Any, cache_size: int, db_uri: str = "") -> Any:
     """The pylance dataset behind a lancedb table, with these cache bounds (lancedb's
-    `to_lance()` gives it Lance's default caches, not the connection's)."""
+    `to_lance()` gives it Lance's default caches, not the connection's). For a commit, give
+    the database's `db_uri`: an `s3+ddb://` table's dataset is then opened through its
+    DynamoDB commit store, which lancedb's `to_lance()` drops (a compaction through that
+    handle committed beside the store, and the next commit through DynamoDB failed: 'This
+    CreateIndex transaction was preempted by concurrent transaction Rewrite')."""
+    if urlparse(db_uri).scheme == "s3+ddb":
+        uri = write_uri(db_uri, tbl.to_lance().uri)
+        return open_lance(uri, tbl._conn.storage_options, tbl.version, cache_size)
     return tbl.to_lance(index_cache_size_bytes=cache_size, metadata_cache_size_bytes=cache_size)
 
 
@@ -751,8 +757,10 @@ class Store:
     ) -> dict[str, Any]:
         """Create missing indexes, fold new rows into existing ones, compact and prune.
         Returns the indexes, those created, the row count and each step's wall seconds
-        (`seconds`: compaction, text_idx, text_cjk_idx, key_indexes, vector_idx, optimize,
-        upkeep; a step with nothing to do is absent)."""
+        (`seconds`: compaction, text_idx, text_cjk_idx, key_indexes, vector_idx, then
+        optimize (folding rows into indexes there were before) or prune (every index covers
+        every row already: version cleanup only), upkeep; a step with nothing to do is
+        absent)."""
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
@@ -765,10 +773,22 @@ class Store:
             seconds[step] = round(seconds.get(step, 0.0) + now - clock, 3)
             clock = now
 
+        compacted = False
         if changed:
+            # the key indexes a run's writes kept (_keep_key_indexes) miss its last batches:
+            # when no other index lags, those B-trees are rebuilt (about a second each at a
+            # million rows) before the compaction, which then merges every fragment as one
+            # group, and the optimize below is spared (its index step rewrites the vector
+            # index even with nothing to fold: 7.6-9.6 s at 1.45 M rows)
+            stale = {n for n in self.index_names() if unindexed_rows(tbl, n)}
+            if stale and stale <= {f"{c}_idx" for c in CHUNK_KEYS}:
+                for column in CHUNK_KEYS:
+                    if f"{column}_idx" in stale:
+                        build_key_index(tbl, column)
+                lap("key_indexes")
             # before the indexes are built: they then cover few large fragments, and there is
             # less to remap (a first run's every batch is a fragment)
-            self._compact(tbl)
+            compacted = self._compact(tbl)
             lap("compaction")
         names = self.index_names()  # after the compaction, which remaps them
         created: list[str] = []
@@ -794,10 +814,17 @@ class Store:
             release_free_heap()
             lap("vector_idx")
         if changed:
-            # folding new rows into the indexes, pruning old versions (compacted above)
-            optimize(tbl, cleanup_older_than)
-            release_free_heap()
-            lap("optimize")
+            if not compacted or any(unindexed_rows(tbl, n) for n in self.index_names()):
+                # folding rows into the indexes: new rows into those there were before (an
+                # IVF-PQ index built on a few hundred rows may leave some out too), compacting
+                # should the page copy above have failed, and pruning old versions
+                optimize(tbl, cleanup_older_than)
+                release_free_heap()
+                lap("optimize")
+            else:
+                # every index covers every row: old versions are pruned all the same
+                prune(tbl, cleanup_older_than, self.cache_size, self.uri)
+                lap("prune")
             self.upkeep(cleanup_older_than)
             lap("upkeep")
         return {
@@ -807,17 +834,20 @@ class Store:
             "seconds": seconds,
         }
 
-    def _compact(self, tbl: Any) -> None:
-        """`compact_fragments`; should it fail, the indexes are built all the same and
-        `optimize` compacts the lancedb way, with a warning (credentials redacted)."""
+    def _compact(self, tbl: Any) -> bool:
+        """`compact_fragments` (True: done); should it fail, the indexes are built all the
+        same and `optimize` compacts the lancedb way, with a warning (credentials redacted)."""
         try:
-            compact_fragments(tbl, cache_size=self.cache_size)
+            compact_fragments(tbl, cache_size=self.cache_size, db_uri=self.uri)
+            return True
         except Exception as exc:
             from tasks.storage import redact_text
 
             why = redact_text(f"{type(exc).__name__}: {exc}", self.db.storage_options)
             log.warning("compacting %s by page copy failed, optimize compacts: %s", tbl.name, why)
-        release_free_heap()
+            return False
+        finally:
+            release_free_heap()
 
     def upkeep(self, cleanup_older_than: timedelta | None) -> list[str]:
         """Compaction and old-version cleanup for the manifest and the bookkeeping tables."""
@@ -921,7 +951,9 @@ def keep_tagged(tbl: Any, older_than: timedelta | None) -> timedelta | None:
 _NO_CLEANUP = timedelta(days=36_500)
 
 
-def compact_fragments(tbl: Any, mode: str = "try_binary_copy", *, cache_size: int) -> Any:
+def compact_fragments(
+    tbl: Any, mode: str = "try_binary_copy", *, cache_size: int, db_uri: str = ""
+) -> Any:
     """Merge a table's small fragments by copying their encoded pages into larger files
     (Lance's binary copy; it falls back to decoding and re-encoding where the files differ in
     format). lancedb's own compaction (in `optimize`) decodes every row and re-encodes it,
@@ -930,8 +962,9 @@ def compact_fragments(tbl: Any, mode: str = "try_binary_copy", *, cache_size: in
     heap; by page copy 16-26 MiB, in half the time: benchmarks/index_memory.py). Indexes that
     exist are remapped to the new row addresses, as by `optimize`. Fragments with deleted
     rows (a later run's replaced documents) are re-encoded either way."""
-    # pylance opens its own handle: the same cache bounds as the lancedb connection's
-    ds = lance_of(tbl, cache_size)
+    # pylance opens its own handle: the same cache bounds as the lancedb connection's, and
+    # an s3+ddb table's commit store
+    ds = lance_of(tbl, cache_size, db_uri)
     metrics = ds.optimize.compact_files(compaction_mode=mode)
     tbl.checkout_latest()  # the compaction committed a version lancedb's handle has not seen
     return metrics
@@ -957,6 +990,24 @@ def optimize(tbl: Any, cleanup_older_than: timedelta | None, retrain: bool = Fal
                 raise
             log.warning("version cleanup of %s skipped: %s", tbl.name, exc)
             return tbl.optimize(cleanup_older_than=_NO_CLEANUP, retrain=retrain)
+
+
+def prune(tbl: Any, cleanup_older_than: timedelta | None, cache_size: int, db_uri: str = "") -> Any:
+    """`optimize`'s version cleanup alone (None: none), sparing every tagged version."""
+    older_than = keep_tagged(tbl, cleanup_older_than)
+    if older_than is None:
+        return None
+    stats = lance_of(tbl, cache_size, db_uri).cleanup_old_versions(
+        older_than=older_than, error_if_tagged_old_versions=False
+    )
+    tbl.checkout_latest()
+    return stats
+
+
+def unindexed_rows(tbl: Any, index: str) -> int:
+    """Rows of the table an index does not cover yet (0: none, or no such index)."""
+    stats = tbl.index_stats(index)
+    return int(stats.num_unindexed_rows) if stats is not None else 0
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

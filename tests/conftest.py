@@ -210,9 +210,9 @@ def run_cli(env: dict[str, str], *args: str, check: bool = True, **kw):
 def table_snapshot(db: str) -> dict:
     """The live generation's rows, for comparing a table with a clean build: chunk id ->
     (document, source, text, vector bytes), and the manifest."""
-    from tasks.store import Store
+    from tasks.store import store_at
 
-    store = Store(db)
+    store = store_at(db)  # a bucket's endpoints from the environment, as a run's
     data = (
         store.chunks_table()
         .search()

@@ -62,6 +62,35 @@ class S3Server:
         self.server.shutdown()
         self.thread.join(timeout=10)
 
+    def dynamodb_table(
+        self, name: str, key_id: str, secret: str, keys: tuple[str, str] = ("base_uri", "version")
+    ) -> Any:
+        """A DynamoDB table on this server (moto serves every AWS API it emulates on one
+        port), keyed like Lance's commit store unless `keys` says otherwise; its client."""
+        import boto3
+
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+        )
+        hash_key, range_key = keys
+        client.create_table(
+            TableName=name,
+            KeySchema=[
+                {"AttributeName": hash_key, "KeyType": "HASH"},
+                {"AttributeName": range_key, "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": hash_key, "AttributeType": "S"},
+                {"AttributeName": range_key, "AttributeType": "N"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        return client
+
     # ---- counters ------------------------------------------------------------------------
 
     def reset(self) -> None:

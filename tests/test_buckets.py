@@ -100,13 +100,14 @@ def _fill(fs, bucket: str) -> dict[str, bytes]:
     return objects
 
 
-def _run(uri: str, db: str, **source: object) -> IngestReport:
+def _run(uri: str, db: str, batch_docs: int = 256, **source: object) -> IngestReport:
     return run_ingest(
         IngestParams.model_validate(
             {
                 "source": {"uri": uri, **source},
                 "store": {"uri": db},
                 "embedder": {"kind": "hash"},
+                "batch_docs": batch_docs,
             }
         )
     )
@@ -430,33 +431,6 @@ def test_concurrent_commits_to_a_table_in_the_bucket_lose_nothing(aws_env: S3Ser
     assert aws_env.counts["conditional_put"] >= 20
 
 
-def _commit_store(s3: S3Server, name: str, keys: tuple[str, str] = ("base_uri", "version")):
-    """A DynamoDB table on the same moto server (it serves every AWS API it emulates)."""
-    import boto3
-
-    client = boto3.client(
-        "dynamodb",
-        endpoint_url=s3.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-    )
-    hash_key, range_key = keys
-    client.create_table(
-        TableName=name,
-        KeySchema=[
-            {"AttributeName": hash_key, "KeyType": "HASH"},
-            {"AttributeName": range_key, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": hash_key, "AttributeType": "S"},
-            {"AttributeName": range_key, "AttributeType": "N"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    return client
-
-
 def test_an_s3_ddb_table_commits_every_version_through_dynamodb(aws_env: S3Server):
     """`s3+ddb://` (Lance's DynamoDB commit store, for stores without conditional PUT): the
     endpoint comes from AWS_ENDPOINT_URL as for S3, every version of the chunks table that a
@@ -466,7 +440,7 @@ def test_an_s3_ddb_table_commits_every_version_through_dynamodb(aws_env: S3Serve
     from tasks.store import store_at
 
     s3, fs = aws_env, _fs(aws_env)
-    ddb = _commit_store(s3, "lance-commits")
+    ddb = s3.dynamodb_table("lance-commits", KEY_ID, SECRET)
     objects = _fill(fs, "ddb-docs")
     fs.mkdir("ddb-index")
     table = "s3+ddb://ddb-index/team?ddbTableName=lance-commits"
@@ -483,7 +457,8 @@ def test_an_s3_ddb_table_commits_every_version_through_dynamodb(aws_env: S3Serve
         ds = store.chunks_table().to_lance()
         return store.chunks_name, {v["version"] for v in ds.versions()}
 
-    first = _run("s3://ddb-docs/handbook/", table)
+    # several batches: the refresh then compacts their fragments, a commit of its own
+    first = _run("s3://ddb-docs/handbook/", table, batch_docs=4)
     assert _counts(first) == (DOCUMENTS, 0, 0, 0, 0), first.failures
     name, versions = chunk_versions()
     (base,) = [u for u in committed() if u.endswith(f"{name}.lance")]
@@ -511,7 +486,7 @@ def test_an_s3_ddb_table_without_its_commit_store_is_refused_before_any_write(
     s3, fs = aws_env, _fs(aws_env)
     name = f"commits-{fault.replace(' ', '-')}"
     if fault == "wrong keys":
-        _commit_store(s3, name, keys=("path", "version"))
+        s3.dynamodb_table(name, KEY_ID, SECRET, keys=("path", "version"))
     fs.mkdir(f"ddb-{name}")
     fs.pipe(f"ddb-{name}/docs/a.md", b"# A\n\nOne document.\n")
     table = f"s3+ddb://ddb-{name}/index?ddbTableName={name}"

@@ -176,6 +176,61 @@ def test_ray_writes_the_default_runners_table_in_one_commit(reference, tmp_path,
     assert again.documents.unchanged == DOCS and again.chunks.embedded == 0
 
 
+def test_ray_writes_an_s3_ddb_table_in_one_commit_through_dynamodb(
+    reference, tmp_path, monkeypatch
+):
+    """`s3+ddb://` on Ray: the workers write the data files into the bucket and the driver
+    commits once, through Lance's DynamoDB commit store (moto's, on loopback). The workers were
+    started before any AWS setting existed: the table's options (endpoints, keys) resolved on
+    the driver travel inside the job. The table is the default runner's, bit for bit, and its
+    every version is an item in the DynamoDB table."""
+    import s3fs
+
+    from tasks.store import store_at
+
+    from .s3server import S3Server
+
+    src, expected, ref_report = reference
+    key_id, secret = "ray-test", "r4y-s3cret-never-shown"
+    s3 = S3Server().start()
+    try:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": key_id,  # this process's own reads (the snapshot below)
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }.items():
+            monkeypatch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        ddb = s3.dynamodb_table("ray-commits", key_id, secret)
+        s3fs.S3FileSystem(key=key_id, secret=secret, endpoint_url=s3.endpoint).mkdir("ray-index")
+        table = "s3+ddb://ray-index/t?ddbTableName=ray-commits"
+        keys = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
+        store = {"uri": table, "access": {"storage_options": keys}}
+        report = run_ingest(_params(src, tmp_path, "ray", store=store))
+        assert report.documents.new == DOCS and report.documents.failed == 0
+        assert report.chunks.written == ref_report.chunks.written
+        assert secret not in report.model_dump_json()
+        assert table_snapshot(table) == expected
+        tbl = store_at(table).chunks_table()
+        ds = tbl.to_lance()
+        rows = [
+            (v["version"], ds.checkout_version(v["version"]).count_rows()) for v in ds.versions()
+        ]
+        assert [v for v, n in rows if n][0] - 1 == [v for v, n in rows if not n][-1]  # one commit
+        items = ddb.scan(TableName="ray-commits", ConsistentRead=True)["Items"]
+        committed = {
+            int(i["version"]["N"])
+            for i in items
+            if i["base_uri"]["S"].endswith(f"{tbl.name}.lance")
+        }
+        assert committed == {v for v, _ in rows}
+    finally:
+        s3.stop()
+
+
 def test_a_run_that_starts_ray_stops_it_and_its_workers_before_the_commit(
     reference, tmp_path, monkeypatch
 ):

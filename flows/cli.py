@@ -158,8 +158,9 @@ def _ingest_parser(sub: Any) -> None:
     g.add_argument(
         "--ray-memory-mb",
         type=int,
-        default=512,
-        help="Ray: object-store memory for the pipeline's blocks in flight (default 512)",
+        default=None,
+        help="Ray: object-store memory for the pipeline's blocks in flight (default 128 per "
+        "embedding worker)",
     )
     p.add_argument(
         "--include",

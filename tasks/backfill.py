@@ -152,7 +152,7 @@ def _seed(run: Any, live_store: Any, chunks_schema: Any) -> int:
 
         from tasks.ray_runner import ray_session, worker_env
 
-        with ray_session(params.ray_address, params.ray_cpus, params.ray_memory_mb):
+        with ray_session(params.ray_address, params.ray_cpus, params.ray_memory):
             lance_ray.add_columns(
                 uri,
                 transform=transform,

@@ -239,7 +239,7 @@ def _import_ray() -> Any:
 _LOCAL_ENV: tuple[str, dict[str, str]] | None = None
 
 
-def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 512) -> Any:
+def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 256) -> Any:
     """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one
     (`num_cpus` CPUs, an object store of twice `memory_mb`: Ray's default is 30 % of the
     machine's memory); a process already connected keeps its connection."""
@@ -289,7 +289,7 @@ def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 5
 def ray_session(
     address: str | None,
     num_cpus: int | None = None,
-    memory_mb: int = 512,
+    memory_mb: int = 256,
     timings: dict[str, float] | None = None,
 ) -> Iterator[Any]:
     """connect() for one coarse step (`timings['ray_start']`: its seconds). A connection this
@@ -409,7 +409,7 @@ def run_pipeline(
     """
     params = job.params
     timings = {} if stage_seconds is None else stage_seconds
-    ray = connect(params.ray_address, params.ray_cpus, params.ray_memory_mb)  # the session's
+    ray = connect(params.ray_address, params.ray_cpus, params.ray_memory)  # the session's
     clock = time.perf_counter()
     import ray.data as rd
 
@@ -422,7 +422,7 @@ def run_pipeline(
     # blocks in flight (chunks, vectors) within a fixed budget whatever the corpus size:
     # Ray Data's backpressure holds the parsers back when the embedders fall behind
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=params.ray_memory_mb * 2**20
+        object_store_memory=params.ray_memory * 2**20
     )
     # every stage: one shard per call, Arrow in and out, the driver's settings in the env
     stage: dict[str, Any] = {"batch_size": 1, "batch_format": "pyarrow"}
@@ -541,7 +541,7 @@ def ingest_on_ray(run: Any, plan: Any) -> RayResult:
     batches = iter_work(plan, params.batch_docs, int(params.batch_mb * 2**20))
     timings = run.report.stage_seconds
     # the commit and the rest of the run are the driver's: a local instance stops first
-    with ray_session(params.ray_address, params.ray_cpus, params.ray_memory_mb, timings):
+    with ray_session(params.ray_address, params.ray_cpus, params.ray_memory, timings):
         fragments, spill, embedded, cached, chunks = run_pipeline(
             job,
             batches,

@@ -264,6 +264,13 @@ class StoreSettings(StoreOptions):
 #: logical CPUs an embedding actor holds on Ray, and each parse or write task takes
 RAY_ACTOR_CPUS = 0.5
 RAY_TASK_CPUS = 0.5
+#: Ray: the default object-store budget of the blocks in flight, per embedding actor. A shard
+#: of 256 documents (about 2,500 chunks) is 3-4 MB with 256- or 384-dimension vectors: each
+#: actor then has some 30 shards queued around it. Measured on one worker at 100,000 documents
+#: (benchmarks/ray_scale.py): 128 against 512 left the pipeline's time within the machine's
+#: noise, and the process tree's plateau 0.7 GiB lower (each worker process maps the store's
+#: pages as it touches them)
+RAY_MEMORY_MB_PER_WORKER = 128
 
 
 class RunSettings(_Model):
@@ -331,14 +338,21 @@ class RunSettings(_Model):
         description="Ray, local instance only (no address): the CPUs it may use; empty: every "
         "core. An existing cluster has its own.",
     )
-    ray_memory_mb: int = Field(
-        512,
+    ray_memory_mb: int | None = Field(
+        None,
         ge=128,
         le=1_048_576,
         description="Ray: the object-store memory the pipeline's blocks in flight (chunks, "
-        "vectors) may take, so they do not grow with the corpus; a local instance's object "
-        "store is twice this. Raise it for GPU workers that outrun the parsers.",
+        "vectors) may take, so they do not grow with the corpus; empty: 128 per embedding "
+        "worker. A local instance's object store is twice this. Raise it for GPU workers that "
+        "outrun the parsers, or for wide vectors (a 3,072-dimension model's shard of 256 "
+        "documents is about 30 MB).",
     )
+
+    @property
+    def ray_memory(self) -> int:
+        """ray_memory_mb, or its default: RAY_MEMORY_MB_PER_WORKER per embedding worker."""
+        return self.ray_memory_mb or RAY_MEMORY_MB_PER_WORKER * self.ray_workers
 
     @model_validator(mode="after")
     def _enough_ray_cpus(self) -> RunSettings:

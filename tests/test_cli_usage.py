@@ -47,3 +47,19 @@ def test_too_few_ray_cpus_for_the_workers_is_refused_before_anything_runs():
         RunSettings(runner="ray", ray_cpus=1, ray_workers=2)
     RunSettings(runner="ray", ray_cpus=1, ray_workers=1)  # 0.5 + 0.5
     RunSettings(runner="ray", ray_cpus=1, ray_workers=2, ray_address="auto")  # its own sizes
+
+
+def test_the_ray_memory_budget_grows_with_the_embedding_workers_unless_it_is_given():
+    """Blocks in flight queue around each embedding actor: 128 MB of object store each by
+    default (a local instance's store is twice the budget); a given budget is kept, and one
+    under 128 MB is refused."""
+    import pytest
+    from pydantic import ValidationError
+
+    from tasks.settings import RunSettings
+
+    assert RunSettings(runner="ray").ray_memory == 256  # two workers by default
+    assert RunSettings(runner="ray", ray_workers=5).ray_memory == 640
+    assert RunSettings(runner="ray", ray_workers=5, ray_memory_mb=512).ray_memory == 512
+    with pytest.raises(ValidationError, match="ray_memory_mb"):
+        RunSettings(runner="ray", ray_memory_mb=64)

@@ -433,11 +433,13 @@ def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on
     for batches in (6, 24):
         seen: dict[str, object] = {}
 
-        def compact(tbl, cache_size=None, seen=seen):
+        def compact(tbl, cache_size=None, db_uri="", seen=seen):
             keys = [f"{k}_idx" for k in store_module.CHUNK_KEYS]
             seen["before"] = {k: tbl.index_stats(k).num_indexed_rows for k in keys}
             seen["cache_size"] = cache_size
-            seen["metrics"] = real(tbl, mode="force_binary_copy", cache_size=cache_size)
+            seen["metrics"] = real(
+                tbl, mode="force_binary_copy", cache_size=cache_size, db_uri=db_uri
+            )
             seen["after"] = {k: tbl.index_stats(k).num_indexed_rows for k in keys}
 
         monkeypatch.setattr(store_module, "compact_fragments", compact)
@@ -459,7 +461,8 @@ def test_the_end_of_a_run_compacts_its_batches_by_page_copy_and_lancedb_reads_on
         # each step timed (the key indexes were built as the batches were written, and are
         # rebuilt should the last batches have left rows outside them), then an optimize, or
         # only the pruning when every index covers every row
-        steps = {"compaction", "text_idx", "text_cjk_idx", "vector_idx", "upkeep"}
+        steps = {"compaction", "text_idx", "text_cjk_idx", "vector_idx", "vector_idx_wait"}
+        steps.add("upkeep")
         assert set(done["seconds"]) - {"key_indexes", "optimize", "prune"} == steps
         assert len({"optimize", "prune"} & set(done["seconds"])) == 1
         assert min(done["seconds"].values()) >= 0
@@ -490,7 +493,7 @@ def test_a_failed_compaction_still_builds_the_indexes_and_says_so(
 ):
     import tasks.store as store_module
 
-    def broken(tbl, cache_size=None):
+    def broken(tbl, cache_size=None, db_uri=""):
         raise OSError("object store said no")
 
     monkeypatch.setattr(store_module, "compact_fragments", broken)

@@ -254,7 +254,7 @@ def refresh_indexes(run: IngestRun, changed: bool) -> dict[str, Any]:
         s.vector_index_min_rows, timedelta(days=s.cleanup_older_than_days), changed
     )
     if done.get("seconds"):  # set, not added: a retried refresh counts its last attempt
-        # its wall time: the vector index's build overlaps the other steps
+        # its wall time, the steps' seconds and what lies between them
         run.report.stage_seconds["indexes"] = done["wall_seconds"]
     return done
 

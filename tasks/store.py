@@ -18,7 +18,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -759,10 +758,9 @@ class Store:
         """Create missing indexes, fold new rows into existing ones, compact and prune.
         Returns the indexes, those created, the row count, the refresh's wall seconds
         (`wall_seconds`) and each step's (`seconds`: compaction, text_idx, text_cjk_idx,
-        key_indexes; vector_idx, built in a thread beside those three, so its seconds overlap
-        theirs, and vector_idx_wait, the wait for it after them; then optimize (folding rows
-        into indexes there were before) or prune (every index covers every row already:
-        version cleanup only), upkeep; a step with nothing to do is absent)."""
+        key_indexes, vector_idx, then optimize (folding rows into indexes there were before)
+        or prune (every index covers every row already: version cleanup only), upkeep; a
+        step with nothing to do is absent)."""
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
@@ -795,37 +793,30 @@ class Store:
         names = self.index_names()  # after the compaction, which remaps them
         created: list[str] = []
         rows = tbl.count_rows()
-        vector: Future[float] | None = None
-        pool = None
-        if "vector_idx" not in names and rows >= vector_index_min_rows:
-            # the IVF-PQ build (about 1.8 cores busy) runs beside the full-text and key
-            # indexes, which build on one core each: on 2 cores, at 1.45 M rows, 43.0-44.6 s
-            # for all of them instead of 52.0-52.5 in sequence (its seconds overlap theirs)
-            pool = ThreadPoolExecutor(1, thread_name_prefix="vector-index")
-            vector = pool.submit(_timed, build_vector_index, tbl)
-        try:
-            if "text_idx" not in names:
-                build_text_index(tbl)
-                created.append("text_idx")
-                lap("text_idx")
-            crash_point("during-index-refresh")
-            if "text_cjk_idx" not in names:
-                build_cjk_index(tbl)
-                created.append("text_cjk_idx")
-                lap("text_cjk_idx")
-            for column in CHUNK_KEYS:
-                if f"{column}_idx" not in names and rows:
-                    build_key_index(tbl, column)
-                    created.append(f"{column}_idx")
-                    lap("key_indexes")
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)  # no index build outlives the refresh, failed or not
+        if "text_idx" not in names:
+            build_text_index(tbl)
+            created.append("text_idx")
+            lap("text_idx")
+        crash_point("during-index-refresh")
+        if "text_cjk_idx" not in names:
+            build_cjk_index(tbl)
+            created.append("text_cjk_idx")
+            lap("text_cjk_idx")
+        for column in CHUNK_KEYS:
+            if f"{column}_idx" not in names and rows:
+                build_key_index(tbl, column)
+                created.append(f"{column}_idx")
+                lap("key_indexes")
         release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
-        if vector is not None:
-            seconds["vector_idx"] = vector.result()  # its error, should it have failed
+        # one index at a time: building the vector index beside the full-text and key
+        # indexes took 43.0-44.6 s instead of 52.0-52.5 at 1.45 M rows on 2 cores, but the
+        # default runner's peak (in this refresh) rose from 1.010 to 1.068 GiB at 100k
+        # documents, its 100k/10k ratio from 1.086 to 1.142 (benchmarks/ray_scale.py)
+        if "vector_idx" not in names and rows >= vector_index_min_rows:
+            build_vector_index(tbl)
             created.append("vector_idx")
-            lap("vector_idx_wait")  # the wait for it once the others were built
+            release_free_heap()
+            lap("vector_idx")
         if changed:
             if not compacted or any(unindexed_rows(tbl, n) for n in self.index_names()):
                 # folding rows into the indexes: new rows into those there were before (an
@@ -1004,13 +995,6 @@ def optimize(tbl: Any, cleanup_older_than: timedelta | None, retrain: bool = Fal
                 raise
             log.warning("version cleanup of %s skipped: %s", tbl.name, exc)
             return tbl.optimize(cleanup_older_than=_NO_CLEANUP, retrain=retrain)
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    """fn(*args), for its wall seconds."""
-    clock = time.perf_counter()
-    fn(*args)
-    return round(time.perf_counter() - clock, 3)
 
 
 def prune(tbl: Any, cleanup_older_than: timedelta | None, cache_size: int, db_uri: str = "") -> Any:

@@ -277,8 +277,11 @@ def lance_of(tbl: Any, cache_size: int, db_uri: str = "") -> Any:
     DynamoDB commit store, which lancedb's `to_lance()` drops (a compaction through that
     handle committed beside the store, and the next commit through DynamoDB failed: 'This
     CreateIndex transaction was preempted by concurrent transaction Rewrite')."""
-    if urlparse(db_uri).scheme == "s3+ddb":
-        uri = write_uri(db_uri, tbl.to_lance().uri)
+    from tasks.storage import is_ddb
+
+    if is_ddb(db_uri):
+        # the table's path as lancedb holds it: no dataset opened only to read its URI
+        uri = write_uri(db_uri, tbl._dataset_path)
         return open_lance(uri, tbl._conn.storage_options, tbl.version, cache_size)
     return tbl.to_lance(index_cache_size_bytes=cache_size, metadata_cache_size_bytes=cache_size)
 

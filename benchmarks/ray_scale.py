@@ -18,8 +18,9 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
                        'ray_start' and 'commit'
   pipeline_chunks_per_s  chunks / the pipeline stage: the rate a long run converges to
   peak_rss_gib         peak of the summed RSS of the whole process tree (the CLI, Prefect's
-                       server, Ray's raylet/GCS/workers), sampled every 0.1 s
-  peak_pss_gib         the same tree's peak PSS, sampled every 0.5 s: a page shared by several
+                       server, Ray's raylet/GCS/workers), sampled every 0.1 s (the tree's
+                       processes listed once a second)
+  peak_pss_gib         the same tree's peak PSS, sampled every 2 s: a page shared by several
                        processes (Ray's object store is shared memory that every worker maps,
                        and so are the libraries) counts once in all, not once per process
   peak_at_s            when the tree's peak was sampled, seconds from the command's start: after
@@ -30,6 +31,8 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
                        processes); a role with several processes sums their peaks
   cpu_s_by_process     CPU seconds (user + system) by the same roles: where the cores went
   cpu_utilisation      all of those CPU seconds / (seconds x the cores the run was pinned to)
+  sampler_cpu_s        the CPU seconds this sampling took (at the lowest priority; in the
+                       2-worker runs it shares the run's 2 cores)
   versions_added       chunks-table versions whose row count differs from the one before
                        (data commits; index builds and compaction add versions too but no rows)
   fragments_written    fragments in the table right after the run
@@ -59,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,6 +99,10 @@ def _role(p: Any, root_pid: int) -> str:
         return "?"
     # the program and its script or module, without folders or options: "python
     # default_worker.py" (Ray's workers), "python -m uvicorn" (Prefect's server), "raylet"
+    if args and args[0].startswith("ray::"):
+        # a Ray worker titles itself by what it runs ('ray::IDLE', 'ray::MapWorker(...)')
+        # once started: one role for all of them, whenever the sampler first saw them
+        return "python default_worker.py"
     words = [Path(w).name for w in args if not w.startswith("--")]
     return " ".join(words[:3])[:60] or "?"
 
@@ -107,6 +115,7 @@ class TreeRun(NamedTuple):
     stdout: str
     peak_by_role: dict[str, float]  # GiB
     cpu_by_role: dict[str, float]  # CPU seconds (user + system) each role used
+    sampler_cpu_s: float  # CPU seconds the sampling took
 
 
 def run_tree(
@@ -120,8 +129,6 @@ def run_tree(
     and CPU seconds. With `trace`, one JSON line per second there: seconds, the tree's RSS, the
     command's own RSS and file-backed share (MiB), and each role's CPU seconds so far, so a
     peak or an idle core can be placed in the run."""
-    import psutil
-
     pin = None
     if cores is not None:
         allowed = sorted(os.sched_getaffinity(0))[:cores]
@@ -147,40 +154,86 @@ def run_tree(
     ]
     for r in readers:
         r.start()
+    samples = _Samples()
+    sampler = threading.Thread(target=_sample, args=(proc, t, trace, samples))
+    sampler.start()
+    sampler.join()
+    for r in readers:
+        r.join()
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write("".join(err)[-4000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    peaks = {pid: value / 2**30 for pid, value in samples.own_peak.items()}
+    return TreeRun(
+        seconds,
+        samples.peak,
+        samples.peak_pss,
+        samples.peak_at,
+        "".join(out),
+        _by_role(peaks, samples.roles, 3),
+        _by_role(samples.own_cpu, samples.roles, 1),
+        round(samples.cpu_s, 1),
+    )
+
+
+@dataclass
+class _Samples:
+    peak: int = 0
+    peak_at: float = 0.0
+    peak_pss: int = 0
+    own_peak: dict[int, int] = field(default_factory=dict)
+    own_cpu: dict[int, float] = field(default_factory=dict)
+    roles: dict[int, str] = field(default_factory=dict)
+    cpu_s: float = 0.0  # the sampling thread's own CPU seconds
+
+
+def _sample(proc: subprocess.Popen[str], t: float, trace: Path | None, out: _Samples) -> None:
+    """Sample `proc`'s process tree until it exits, into `out` (see run_tree)."""
+    import psutil
+
+    _lower_own_priority()
+    clock = time.thread_time()
     root = psutil.Process(proc.pid)
     peak = 0
     peak_at = 0.0
     peak_pss = 0
     next_pss = 0.0
-    seen: dict[int, psutil.Process] = {}
-    own_peak: dict[int, int] = {}
-    own_cpu: dict[int, float] = {}
-    roles: dict[int, str] = {}
+    next_list = 0.0
+    procs: list[psutil.Process] = []
+    own_peak, own_cpu, roles = out.own_peak, out.own_cpu, out.roles
     trace_out = trace.open("w") if trace is not None else None
     next_trace = 0.0
     while proc.poll() is None:
+        now = time.perf_counter() - t
+        # the sampler's own CPU comes out of the cores the run is pinned to when it has them
+        # all (2 workers on 2 cores): the process list (a scan of every /proc entry) and
+        # the CPU times once a second, PSS (a walk of each process's page tables) every 2 s;
+        # only the RSS, which a peak is read from, every 0.1 s
+        listing = now >= next_list
+        if listing:
+            next_list = now + 1.0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                procs = []
         total = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
         for p in procs:
             try:
                 rss = p.memory_info().rss
                 total += rss
-                seen[p.pid] = p
                 own_peak[p.pid] = max(own_peak.get(p.pid, 0), rss)
-                times = p.cpu_times()
-                own_cpu[p.pid] = times.user + times.system
-                if p.pid not in roles:
-                    roles[p.pid] = _role(p, proc.pid)
+                if listing:
+                    times = p.cpu_times()
+                    own_cpu[p.pid] = times.user + times.system
+                    if p.pid not in roles:
+                        roles[p.pid] = _role(p, proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        now = time.perf_counter() - t
         if total > peak:
             peak, peak_at = total, now
-        if now >= next_pss:  # PSS reads the page tables (smaps_rollup): twice a second
-            next_pss = now + 0.5
+        if now >= next_pss:
+            next_pss = now + 2.0
             pss = 0
             for p in procs:
                 try:
@@ -188,7 +241,7 @@ def run_tree(
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             peak_pss = max(peak_pss, pss)
-        if trace_out is not None and now >= next_trace:
+        if trace_out is not None and listing and now >= next_trace:
             next_trace = now + 1.0
             try:
                 mine = root.memory_info()
@@ -203,22 +256,17 @@ def run_tree(
         time.sleep(0.1)
     if trace_out is not None:
         trace_out.close()
-    for r in readers:
-        r.join()
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.stderr.write("".join(err)[-4000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    peaks = {pid: value / 2**30 for pid, value in own_peak.items()}
-    return TreeRun(
-        seconds,
-        peak,
-        peak_pss,
-        peak_at,
-        "".join(out),
-        _by_role(peaks, roles, 3),
-        _by_role(own_cpu, roles, 1),
-    )
+    out.peak, out.peak_at, out.peak_pss = peak, peak_at, peak_pss
+    out.cpu_s = time.thread_time() - clock
+
+
+def _lower_own_priority() -> None:
+    """The sampling thread at the lowest priority (Linux niceness is per thread; the command,
+    started before, keeps its own): on the run's own cores it yields to the run."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _by_role(values: dict[int, float], roles: dict[int, str], digits: int) -> dict[str, float]:
@@ -338,6 +386,7 @@ def main() -> None:
                     "peak_at_s": round(ran.peak_at, 1),
                     "peak_rss_by_process": ran.peak_by_role,
                     "cpu_s_by_process": ran.cpu_by_role,
+                    "sampler_cpu_s": ran.sampler_cpu_s,
                     # the share of the pinned cores (all of them, unpinned) the tree kept busy
                     "cpu_utilisation": round(
                         sum(ran.cpu_by_role.values()) / (seconds * (cores or os.cpu_count() or 1)),

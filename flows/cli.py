@@ -452,9 +452,21 @@ def _ingest(args: argparse.Namespace) -> int:
             with table_lock(params.store.uri, holder="ingest (no-change check)"):
                 report = quick_check(params)
         if report is None:
-            from flows.ingest import run_ingest
+            early = params.runner == "ray"
+            if early:
+                from tasks.ray_runner import start_early
 
-            report = run_ingest(params)
+                # Ray's start overlaps Prefect's and the plan (on a machine with cores to spare)
+                start_early(params.ray_address, params.ray_cpus, params.ray_memory)
+            try:
+                from flows.ingest import run_ingest
+
+                report = run_ingest(params)
+            finally:
+                if early:
+                    from tasks.ray_runner import stop_early
+
+                    stop_early()  # a run with nothing for Ray to do
     except TooManyFailuresError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)
         report, code = exc.report, EXIT_FAILED_RUN

@@ -285,6 +285,84 @@ def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 2
     return ray
 
 
+@dataclass
+class _EarlyStart:
+    """A connect() begun in a thread by start_early(), for the next ray_session()."""
+
+    key: tuple[str | None, int | None, int]
+    connected: threading.Event = field(default_factory=threading.Event)
+    #: set once the connection is closed: the thread that started a local instance must
+    #: outlive it (Ray starts its processes with a parent-death signal, which Linux sends
+    #: when that thread ends, not the process)
+    released: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+_EARLY: list[_EarlyStart] = []
+
+
+class _NotMainThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Ray leaves SIGTERM to the main thread's handlers when started from another thread:
+        # what start_early does on purpose
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def start_early(address: str | None, num_cpus: int | None = None, memory_mb: int = 256) -> None:
+    """Begin connect() in a background thread, so that a local instance's start (its
+    processes and their first imports, 3-4 s of CPU) overlaps Prefect's start-up and the
+    plan instead of following them; on a machine with one core it only moves. The next
+    ray_session() with the same arguments waits for it and owns the connection (closing it
+    at the step's end); stop_early() closes one that no step used. For a command that runs
+    one ingest and exits (the CLI): a process that stays up calls ray_session() alone."""
+    ray = _import_ray()
+    if ray.is_initialized() or _EARLY:
+        return
+    early = _EarlyStart((address, num_cpus, memory_mb))
+
+    def begin() -> None:
+        quiet = _NotMainThread()
+        logging.getLogger("ray._private.worker").addFilter(quiet)
+        try:
+            connect(address, num_cpus, memory_mb)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the step that needs Ray
+            early.error = exc
+            return
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+            early.connected.set()
+        early.released.wait()
+
+    _EARLY.append(early)
+    threading.Thread(target=begin, name="ray-start", daemon=True).start()
+
+
+def _take_early(key: tuple[str | None, int | None, int]) -> _EarlyStart | None:
+    """Wait for start_early()'s connect(): the early start, whose connection the caller now
+    owns (None: there was none). Its error, if it failed, is raised here."""
+    if not _EARLY:
+        return None
+    early = _EARLY.pop()
+    early.connected.wait()
+    if early.error is not None:
+        raise early.error
+    if early.key != key:
+        log.warning("Ray was started with other settings than this step's; they are kept")
+    return early
+
+
+def stop_early() -> None:
+    """Close a connection start_early() opened and no step used (the run had no work for
+    Ray)."""
+    if not _EARLY:
+        return
+    early = _EARLY.pop()
+    early.connected.wait()
+    if early.error is None:
+        disconnect(_import_ray())
+    early.released.set()
+
+
 @contextmanager
 def ray_session(
     address: str | None,
@@ -292,15 +370,17 @@ def ray_session(
     memory_mb: int = 256,
     timings: dict[str, float] | None = None,
 ) -> Iterator[Any]:
-    """connect() for one coarse step (`timings['ray_start']`: its seconds). A connection this
-    opens is closed when the step ends: a local instance it started stops with its worker
-    processes, so their memory (every actor's model, the heaps the pipeline grew, their maps
-    of the object store) is not held through the index refresh that follows, nor by a
-    long-lived process between runs. A connection the process had already (a notebook's, a
-    test session's, the step before's) is kept."""
+    """connect() for one coarse step (`timings['ray_start']`: its seconds, or the wait for
+    start_early()'s). A connection this opens, or start_early() opened, is closed when the
+    step ends: a local instance it started stops with its worker processes, so their memory
+    (every actor's model, the heaps the pipeline grew, their maps of the object store) is not
+    held through the index refresh that follows, nor by a long-lived process between runs. A
+    connection the process had already (a notebook's, a test session's, the step before's)
+    is kept."""
     ray = _import_ray()
-    opened = not ray.is_initialized()
     clock = time.perf_counter()
+    early = _take_early((address, num_cpus, memory_mb))
+    opened = early is not None or not ray.is_initialized()
     ray = connect(address, num_cpus, memory_mb)
     if timings is not None:
         timings["ray_start"] = round(time.perf_counter() - clock, 3)
@@ -309,6 +389,8 @@ def ray_session(
     finally:
         if opened:
             disconnect(ray, timings)
+        if early is not None:
+            early.released.set()
 
 
 def disconnect(ray: Any, timings: dict[str, float] | None = None) -> None:

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -756,14 +757,26 @@ class Store:
         return {"text_idx", "text_cjk_idx"} <= names
 
     def refresh_indexes(
-        self, vector_index_min_rows: int, cleanup_older_than: timedelta | None, changed: bool
+        self,
+        vector_index_min_rows: int,
+        cleanup_older_than: timedelta | None,
+        changed: bool,
+        vector_beside: bool = False,
     ) -> dict[str, Any]:
         """Create missing indexes, fold new rows into existing ones, compact and prune.
         Returns the indexes, those created, the row count, the refresh's wall seconds
         (`wall_seconds`) and each step's (`seconds`: compaction, text_idx, text_cjk_idx,
         key_indexes, vector_idx, then optimize (folding rows into indexes there were before)
         or prune (every index covers every row already: version cleanup only), upkeep; a
-        step with nothing to do is absent)."""
+        step with nothing to do is absent).
+
+        `vector_beside`: a new vector index builds in a thread beside the full-text and key
+        indexes (its seconds then overlap theirs, and `vector_idx_wait` is the wait for it
+        after them). Those build on one core each and the IVF-PQ build keeps about 1.8 busy:
+        at 1.45 M rows on 2 cores, 43.0-44.6 s for all of them instead of 52.0-52.5. The two
+        builds' memory adds up, though: where the refresh is the run's peak (the default
+        runner's, 1.010 -> 1.068 GiB at 100k documents) it stays off; the Ray runner, whose
+        peak is its workers' and which stopped them before the refresh, turns it on."""
         if not self.has_chunks():
             return {"indexes": []}
         tbl = self.table(self.chunks_name)
@@ -796,26 +809,37 @@ class Store:
         names = self.index_names()  # after the compaction, which remaps them
         created: list[str] = []
         rows = tbl.count_rows()
-        if "text_idx" not in names:
-            build_text_index(tbl)
-            created.append("text_idx")
-            lap("text_idx")
-        crash_point("during-index-refresh")
-        if "text_cjk_idx" not in names:
-            build_cjk_index(tbl)
-            created.append("text_cjk_idx")
-            lap("text_cjk_idx")
-        for column in CHUNK_KEYS:
-            if f"{column}_idx" not in names and rows:
-                build_key_index(tbl, column)
-                created.append(f"{column}_idx")
-                lap("key_indexes")
+        vector: Future[float] | None = None
+        pool = None
+        build_vector = "vector_idx" not in names and rows >= vector_index_min_rows
+        if build_vector and vector_beside:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="vector-index")
+            vector = pool.submit(_timed, build_vector_index, tbl)
+        try:
+            if "text_idx" not in names:
+                build_text_index(tbl)
+                created.append("text_idx")
+                lap("text_idx")
+            crash_point("during-index-refresh")
+            if "text_cjk_idx" not in names:
+                build_cjk_index(tbl)
+                created.append("text_cjk_idx")
+                lap("text_cjk_idx")
+            for column in CHUNK_KEYS:
+                if f"{column}_idx" not in names and rows:
+                    build_key_index(tbl, column)
+                    created.append(f"{column}_idx")
+                    lap("key_indexes")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)  # no index build outlives the refresh, failed or not
         release_free_heap()  # what a call freed is not kept while the next runs (tasks.memory)
-        # one index at a time: building the vector index beside the full-text and key
-        # indexes took 43.0-44.6 s instead of 52.0-52.5 at 1.45 M rows on 2 cores, but the
-        # default runner's peak (in this refresh) rose from 1.010 to 1.068 GiB at 100k
-        # documents, its 100k/10k ratio from 1.086 to 1.142 (benchmarks/ray_scale.py)
-        if "vector_idx" not in names and rows >= vector_index_min_rows:
+        if vector is not None:
+            seconds["vector_idx"] = vector.result()  # its error, should it have failed
+            created.append("vector_idx")
+            lap("vector_idx_wait")  # the wait for it once the others were built
+        elif build_vector:
+            # one index at a time (see vector_beside)
             build_vector_index(tbl)
             created.append("vector_idx")
             release_free_heap()
@@ -998,6 +1022,13 @@ def optimize(tbl: Any, cleanup_older_than: timedelta | None, retrain: bool = Fal
                 raise
             log.warning("version cleanup of %s skipped: %s", tbl.name, exc)
             return tbl.optimize(cleanup_older_than=_NO_CLEANUP, retrain=retrain)
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    """fn(*args), for its wall seconds."""
+    clock = time.perf_counter()
+    fn(*args)
+    return round(time.perf_counter() - clock, 3)
 
 
 def prune(tbl: Any, cleanup_older_than: timedelta | None, cache_size: int, db_uri: str = "") -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -231,12 +232,16 @@ def test_ray_writes_an_s3_ddb_table_in_one_commit_through_dynamodb(
         s3.stop()
 
 
+@pytest.mark.parametrize("early", [True, False], ids=["started-early", "started-by-the-step"])
 def test_a_run_that_starts_ray_stops_it_and_its_workers_before_the_commit(
-    reference, tmp_path, monkeypatch
+    reference, tmp_path, monkeypatch, early
 ):
-    """The CLI's case: no connection before the run. The local instance the run starts, and
-    with it every worker process (each actor's model, the heaps the pipeline grew), is gone
-    before the commit and the index refresh, not held to the end of the process."""
+    """No connection before the run. The local instance the run starts, and with it every
+    worker process (each actor's model, the heaps the pipeline grew), is gone before the
+    commit and the index refresh, not held to the end of the process. Either the CLI's way
+    (start_early() before the flow, in a thread that must outlive the instance: Ray's
+    processes die with the thread that started them), or a deployment's (the step starts
+    it)."""
     import psutil
 
     src, expected, _ = reference
@@ -244,8 +249,17 @@ def test_a_run_that_starts_ray_stops_it_and_its_workers_before_the_commit(
     monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
     ray.shutdown()  # the module's connection: this run must open (and close) its own
     try:
-        report = run_ingest(_params(src, tmp_path / "db", "ray", ray_cpus=2))
+        params = _params(src, tmp_path / "db", "ray", ray_cpus=2)
+        if early:
+            ray_runner.start_early(params.ray_address, params.ray_cpus, params.ray_memory)
+            assert _ray_start_threads()
+        report = run_ingest(params)
+        ray_runner.stop_early()  # as the CLI does: nothing left to stop
         assert not ray.is_initialized()
+        deadline = time.monotonic() + 10
+        while _ray_start_threads():
+            assert time.monotonic() < deadline, "the early start's thread outlived the run"
+            time.sleep(0.1)
         assert {"ray_start", "pipeline", "ray_stop", "commit"} <= set(report.stage_seconds)
         workers = {pid for pid, _ in _calls(log)}
         assert workers and os.getpid() not in workers
@@ -258,6 +272,33 @@ def test_a_run_that_starts_ray_stops_it_and_its_workers_before_the_commit(
         assert table_snapshot(str(tmp_path / "db")) == expected
     finally:
         monkeypatch.undo()  # the module's instance: its workers must not inherit this test's log
+        ray_runner.connect(None, num_cpus=2)
+
+
+def _ray_start_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ray-start"]
+
+
+def test_an_early_start_no_step_used_is_stopped_and_one_that_failed_fails_the_step():
+    """The CLI starts Ray before the flow; a run with nothing for Ray to do (deletions only)
+    must not leave that instance running, and an instance that could not start fails the
+    step that needs it, with the connection error, not a hang."""
+    ray.shutdown()
+    try:
+        ray_runner.start_early(None, 2, 256)
+        ray_runner.stop_early()
+        assert not ray.is_initialized()
+        deadline = time.monotonic() + 10
+        while _ray_start_threads():
+            assert time.monotonic() < deadline, "the early start's thread outlived stop_early"
+            time.sleep(0.1)
+        # a local instance Ray refuses to start (fast, unlike an address nothing answers at)
+        ray_runner.start_early(None, -1, 256)
+        with pytest.raises(ray_runner.RayRunnerError, match="must be nonnegative"):
+            with ray_runner.ray_session(None, -1, 256):
+                pass
+        assert not ray.is_initialized() and not _ray_start_threads()
+    finally:
         ray_runner.connect(None, num_cpus=2)
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from tasks.settings import DEFAULT_DB_URI, DEFAULT_MODEL
@@ -434,6 +435,8 @@ def _ingest(args: argparse.Namespace) -> int:
                 f"({params.embedder.model})"
             )
         return 0
+    from flows.api_server import start_temporary_server, wait_temporary_server
+
     code = 0
     try:
         if params.runner == "local":
@@ -443,6 +446,9 @@ def _ingest(args: argparse.Namespace) -> int:
             # LanceDB, no Prefect server yet), so the two peaks do not add up; its
             # quantisation overlaps the no-change check and Prefect's start-up
             prepare_model(params.embedder, wait_for_graph=True)
+        if args.always_flow or not _has_tables(params.store.uri):
+            # a flow will run: Prefect's server starts beside the no-change check
+            start_temporary_server()
         from tasks.locking import table_lock
         from tasks.runs import quick_check
 
@@ -452,6 +458,7 @@ def _ingest(args: argparse.Namespace) -> int:
             with table_lock(params.store.uri, holder="ingest (no-change check)"):
                 report = quick_check(params)
         if report is None:
+            start_temporary_server()  # beside Ray's start and the flow's imports
             early = params.runner == "ray"
             if early:
                 from tasks.ray_runner import start_early
@@ -461,6 +468,7 @@ def _ingest(args: argparse.Namespace) -> int:
             try:
                 from flows.ingest import run_ingest
 
+                wait_temporary_server()
                 report = run_ingest(params)
             finally:
                 if early:
@@ -470,6 +478,9 @@ def _ingest(args: argparse.Namespace) -> int:
     except TooManyFailuresError as exc:
         print(f"lanceflow: {exc}", file=sys.stderr)
         report, code = exc.report, EXIT_FAILED_RUN
+    finally:
+        # a start still under way ends before this process does (its exit stops the server)
+        wait_temporary_server()
     if report is None:
         return EXIT_FAILED_RUN
     if args.json:
@@ -505,6 +516,21 @@ def _ingest(args: argparse.Namespace) -> int:
         for f in report.failures[:20]:
             print(f"  failed: {f.doc_id}: {f.error}")
     return code
+
+
+def _has_tables(uri: str) -> bool:
+    """Whether a LanceDB location may hold tables already: False only for a local folder
+    that is missing or holds no table (a first run, whose flow is certain); a bucket is not
+    listed here (True: the no-change check decides)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return True
+    folder = Path(uri.removeprefix("file://")).expanduser()
+    try:
+        return any(p.name.endswith(".lance") for p in folder.iterdir())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_tree import run_tree
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "scifact"
 LANCEFLOW = [sys.executable, "-m", "flows.cli"]
@@ -79,48 +81,16 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int,
 
 def _rss_of(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS of the whole process tree (KiB: the sum over the process and
-    every descendant, sampled every 0.1 s), stdout."""
-    import psutil
-
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    chunks: list[bytes] = []
-    import threading
-
-    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
-    err_chunks: list[bytes] = []
-    err_reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))  # type: ignore[union-attr]
-    reader.start()
-    err_reader.start()
-    cpu: dict[int, float] = {}  # CPU seconds per process of the tree, as last seen
-    while proc.poll() is None:
-        total = 0
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                    t_ = p.cpu_times()
-                    cpu[p.pid] = t_.user + t_.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        except psutil.NoSuchProcess:
-            pass
-        peak = max(peak, total)
-        time.sleep(0.1)
-    reader.join()
-    err_reader.join()
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.stderr.write(b"".join(err_chunks).decode(errors="replace")[-4000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    every descendant, sampled every 0.1 s by process_tree.run_tree, which reads the tree's
+    CPU times once a second at the lowest priority: on 2 cores its earlier every-0.1 s scan at
+    the normal priority took CPU from the run it measured), stdout."""
+    ran = run_tree(cmd, env)
     global LAST_CPU_UTIL
-    LAST_CPU_UTIL = round(sum(cpu.values()) / (seconds * (os.cpu_count() or 1)), 3)
-    return seconds, peak // 1024, b"".join(chunks).decode()
+    LAST_CPU_UTIL = round(sum(ran.cpu_by_role.values()) / (ran.seconds * (os.cpu_count() or 1)), 3)
+    return ran.seconds, ran.peak // 1024, ran.stdout
 
 
-#: CPU seconds of the last measured process tree / (wall seconds x cores), up to 0.1 s late
+#: CPU seconds of the last measured process tree / (wall seconds x cores), up to 1 s late
 LAST_CPU_UTIL = 0.0
 
 

@@ -87,3 +87,17 @@ def test_an_early_start_is_the_server_the_flow_uses(tmp_path):
         "same": True,
         "again": False,
     }
+
+
+def test_a_flow_is_certain_only_where_no_table_can_be(tmp_path):
+    """The CLI starts the server early for a table folder that is missing or holds no table;
+    anywhere else (a table there, a bucket) the no-change check decides first."""
+    from flows.cli import _has_tables
+
+    assert not _has_tables(str(tmp_path / "missing"))
+    assert not _has_tables(f"file://{tmp_path}")
+    (tmp_path / "notes.txt").write_text("not a table")
+    assert not _has_tables(str(tmp_path))
+    (tmp_path / "chunks.lance").mkdir()
+    assert _has_tables(str(tmp_path)) and _has_tables(f"file://{tmp_path}")
+    assert _has_tables("s3://bucket/index") and _has_tables("gs://bucket/index")

@@ -29,8 +29,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_STARTING: list[threading.Thread] = []  # the start under way, until waited for
-_BEGUN: list[bool] = []  # one early start per process
+#: the early start's thread: one per process (joining it again once it ended returns at once)
+_STARTED: list[threading.Thread] = []
 
 
 def uses_temporary_server() -> bool:
@@ -97,9 +97,8 @@ def start_temporary_server() -> bool:
     """Start Prefect's temporary server now, where a flow would start one (see the module's
     note). Whether a start began (not when a server is configured, one was started
     already, or one is starting)."""
-    if _BEGUN or not uses_temporary_server():
+    if _STARTED or not uses_temporary_server():
         return False
-    _BEGUN.append(True)
     port = _free_port()
     args, env = server_command(port)
     child = subprocess.Popen(args, env=env)
@@ -136,7 +135,7 @@ def start_temporary_server() -> bool:
                 _stop(child)
 
     thread = threading.Thread(target=begin, name="prefect-server-start", daemon=True)
-    _STARTING.append(thread)
+    _STARTED.append(thread)
     thread.start()
     return True
 
@@ -144,5 +143,5 @@ def start_temporary_server() -> bool:
 def wait_temporary_server() -> None:
     """Wait for start_temporary_server()'s start, if one began: after this, a flow's client
     finds the server answering (or, should the start have failed, starts it itself)."""
-    while _STARTING:
-        _STARTING.pop().join()
+    for thread in _STARTED:
+        thread.join()

@@ -1,20 +1,23 @@
 """Cutting documents into chunks counted in the embedding model's own tokens.
 
-semantic-text-splitter does the splitting: it tries Markdown structure (for Markdown), then
-paragraphs, lines, sentences (Unicode sentence boundaries, so Korean '다.' endings too), words
-and only then characters, and packs the largest pieces that fit the token budget.
+The splitting tries Markdown structure (for Markdown), then paragraphs, lines, sentences
+(Korean '다.' endings and CJK full stops too), words and only then tokens, and packs the largest
+pieces that fit the token budget. With a local model's tokenizer each document is encoded once
+(tasks.token_splitter); with tiktoken (OpenAI) or the hash embedder's word budget,
+semantic-text-splitter does the same in Rust.
 """
 
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigurationError
 from tasks.parsing import ParsedDocument
+from tasks.token_splitter import InputTemplate, Piece, split_by_tokens
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +81,14 @@ def has_content(text: str) -> bool:
 
 
 class Chunker:
-    """Splits parsed documents with one tokenizer and one budget."""
+    """Splits parsed documents with one tokenizer and one budget.
+
+    With the model's own tokenizer, each document is encoded once (tasks.token_splitter):
+    the chunks are counted from that encoding, and with `template` (how the model's input
+    ids wrap a text's) each chunk carries its slice of it as the model's input ids. `encoder`
+    encodes chunk texts instead where a slice is not the text's own encoding (a byte-level
+    tokenizer; a document that lowercasing lengthens). The OpenAI (tiktoken) and hash (word)
+    budgets go through semantic-text-splitter, which counts in Rust."""
 
     def __init__(
         self,
@@ -89,9 +99,8 @@ class Chunker:
         tiktoken_model: str | None = None,
         words: bool = False,
         encoder: TokenEncoder | None = None,
+        template: InputTemplate | None = None,
     ) -> None:
-        from semantic_text_splitter import MarkdownSplitter, TextSplitter
-
         if chunk_tokens < 8:
             raise ConfigurationError("chunk_tokens must be at least 8")
         if overlap >= chunk_tokens:
@@ -102,9 +111,13 @@ class Chunker:
         self.overlap = overlap
         self.whole = whole
         self.encoder = encoder
-        self._text: Any
-        self._markdown: Any
+        self.template = template if encoder is not None else None
+        self.tokenizer: Tokenizer | None = None
+        self._text: Any = None
+        self._markdown: Any = None
         if tiktoken_model is not None:
+            from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
             # tiktoken's BPE, compiled into the splitter: no download
             self._text = TextSplitter.from_tiktoken_model(
                 tiktoken_model, chunk_tokens, overlap=overlap
@@ -113,17 +126,14 @@ class Chunker:
                 tiktoken_model, chunk_tokens, overlap=overlap
             )
         elif words:
+            from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
             # the hash embedder's budget: about 5 characters a word (the splitter counts
             # characters in Rust, far faster than a Python word-count callback)
             self._text = TextSplitter(chunk_tokens * 5, overlap=overlap * 5)
             self._markdown = MarkdownSplitter(chunk_tokens * 5, overlap=overlap * 5)
         elif tokenizer is not None:
-            self._text = TextSplitter.from_huggingface_tokenizer(
-                tokenizer, chunk_tokens, overlap=overlap
-            )
-            self._markdown = MarkdownSplitter.from_huggingface_tokenizer(
-                tokenizer, chunk_tokens, overlap=overlap
-            )
+            self.tokenizer = tokenizer
         else:
             raise ConfigurationError("a chunker needs a tokenizer")
 
@@ -137,35 +147,96 @@ class Chunker:
         """Chunks of a document, or of one segment of a long one: `first_index` and
         `char_base` place the segment in its document, `headings` carries the open Markdown
         headings from segment to segment."""
-        spans = self._split(doc, first_index, char_base, headings)
-        if self.encoder is not None and spans:
-            for span, ids in zip(spans, self.encoder([s.text for s in spans]), strict=True):
-                span.token_ids = ids
+        if self.tokenizer is not None:
+            return self._split_tokens(doc, first_index, char_base, headings)
+        if self.whole:
+            text = doc.text.strip()
+            start = doc.text.find(text[:1]) if text else 0
+            pieces = [(start, start + len(text))] if text else []
+        else:
+            splitter = self._markdown if doc.markdown else self._text
+            pieces = [(s, s + len(p)) for s, p in splitter.chunk_indices(doc.text)]
+        spans = [s for s, _ in self._spans(doc, pieces, first_index, char_base, headings)]
+        self._encode(spans)
         return spans
 
-    def _split(
+    def _split_tokens(
         self,
         doc: ParsedDocument,
         first_index: int,
         char_base: int,
         headings: list[tuple[int, str]] | None,
     ) -> list[ChunkSpan]:
+        """The document encoded once; chunks counted from, and their ids sliced from, it."""
+        assert self.tokenizer is not None
+        text = doc.text
+        template = self.template
+        if template is not None and template.lowercase:
+            lowered = text.lower()
+            # the model reads lowercased text; a slice is valid only where offsets still match
+            text, template = (lowered, template) if len(lowered) == len(text) else (text, None)
+        encoding = self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
+        ids: list[int] = encoding.ids
+        starts = [start for start, _ in encoding.offsets]
         if self.whole:
-            text = doc.text.strip()
-            start = doc.text.find(text[:1]) if text else 0
-            if not has_content(text):
-                return []
-            return [ChunkSpan(doc.doc_id, 0, text, start, start + len(text))]
-        splitter = self._markdown if doc.markdown else self._text
+            body = doc.text.strip()
+            lead = doc.text.find(body[:1]) if body else 0
+            first = bisect_left(starts, lead)
+            pieces = [Piece(lead, lead + len(body), first, len(ids))] if body else []
+        else:
+            pieces = split_by_tokens(
+                doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown
+            )
+        spans = self._spans(
+            doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
+        )
+        if template is None:
+            self._encode([s for s, _ in spans])
+            return [s for s, _ in spans]
+        import numpy as np
+
+        n = len(text)
+        cut: list[ChunkSpan] = []
+        for span, i in spans:
+            piece = pieces[i]
+            if (piece.start == 0 or text[piece.start - 1].isspace()) and (
+                piece.end == n or text[piece.end].isspace()
+            ):
+                span.token_ids = np.asarray(
+                    template.wrap(ids[piece.first : piece.last]), dtype=np.int32
+                )
+            else:
+                # cut inside a word (a word longer than the budget, a sentence end with no
+                # space after it): a slice there may start with a word's continuation token,
+                # which the chunk's own encoding has not, so this chunk is encoded from its text
+                cut.append(span)
+        self._encode(cut)
+        return [s for s, _ in spans]
+
+    def _encode(self, spans: list[ChunkSpan]) -> None:
+        if self.encoder is not None and spans:
+            for span, ids in zip(spans, self.encoder([s.text for s in spans]), strict=True):
+                span.token_ids = ids
+
+    def _spans(
+        self,
+        doc: ParsedDocument,
+        pieces: list[tuple[int, int]],
+        first_index: int,
+        char_base: int,
+        headings: list[tuple[int, str]] | None,
+    ) -> list[tuple[ChunkSpan, int]]:
+        """Chunk spans of the pieces that say something, each with its piece's position;
+        headings and pages placed."""
         inherited = " > ".join(t for _, t in headings) if headings else ""
         offsets, paths = heading_outline(doc.text, headings) if doc.markdown else ([], [])
-        spans: list[ChunkSpan] = []
-        for start, piece in splitter.chunk_indices(doc.text):
+        out: list[tuple[ChunkSpan, int]] = []
+        for k, (start, end) in enumerate(pieces):
+            piece = doc.text[start:end]
             if not has_content(piece):
                 continue
-            end = start + len(piece)
             span = ChunkSpan(
-                doc.doc_id, first_index + len(spans), piece, char_base + start, char_base + end
+                doc.doc_id, first_index + len(out), piece, char_base + start, char_base + end
             )
             span.heading = inherited
             if offsets:
@@ -175,5 +246,5 @@ class Chunker:
             if doc.page_starts:
                 span.page_start = bisect_right(doc.page_starts, start)
                 span.page_end = bisect_right(doc.page_starts, max(start, end - 1))
-            spans.append(span)
-        return spans
+            out.append((span, k))
+        return out

@@ -274,9 +274,9 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = 
             f"chunk_tokens={size} exceeds what {emb.model_id} reads ({limit} tokens plus its "
             "special tokens); longer chunks would be truncated silently. Lower --chunk-tokens."
         )
-    # tokenise once: where the model reads input ids (ONNX; torch for a transformer + pooling
-    # model), the chunker encodes each chunk as it cuts it, in the parse stage (in parallel
-    # threads), and the model reads those ids
+    # tokenise once: the chunker encodes each document once, in the parse stage (in parallel
+    # threads), counts its chunks from that encoding and, where the model reads input ids
+    # (ONNX; torch for a transformer + pooling model), hands the model each chunk's slice
     backend = emb.requested_backend
     if backend == "auto":
         backend = emb.planned()[1]
@@ -284,4 +284,7 @@ def make_chunker(embedder: Embedder, chunking: ChunkSettings, token_ids: bool = 
         backend.startswith("onnx") or (backend == "torch" and torch_reads_ids(emb.layout))
     )
     encoder = emb.token_ids if reads_ids else None
-    return Chunker(emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder)
+    template = emb.input_template if reads_ids else None
+    return Chunker(
+        emb.tokenizer, size, chunking.overlap, whole=whole, encoder=encoder, template=template
+    )

@@ -104,7 +104,11 @@ def differences(old: Fingerprint | None, new: Fingerprint) -> list[tuple[str, An
     return out
 
 
-def chunker_name() -> str:
+def chunker_name(kind: str = "") -> str:
+    """What cuts the chunks: for a local model lanceflow's own splitter over one encoding of
+    each document, else semantic-text-splitter."""
+    if kind == "local":
+        return f"lanceflow token-splitter / lanceflow {CHUNKING_VERSION}"
     try:
         version = metadata.version("semantic-text-splitter")
     except metadata.PackageNotFoundError:
@@ -174,7 +178,7 @@ def compute(embedder_settings: Any, chunking: Any) -> Fingerprint:
         precision=precision,
         dimension=local.planned_dimension,
         tokenizer=f"model:{local.revision}",
-        chunker=chunker_name(),
+        chunker=chunker_name("local"),
         chunk_tokens=chunking.chunk_tokens or local.max_tokens,
         overlap=0 if whole else chunking.overlap,
         chunking=chunking.strategy,

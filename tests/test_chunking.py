@@ -97,6 +97,8 @@ def test_a_piece_without_a_letter_or_digit_is_no_chunk(tokenizer):
         " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + "." for _ in range(300)
     ]
     texts += ["비밀번호는 90일마다 변경합니다. 변경 주기는 보안팀이 정합니다."] * 3
+    # a rule longer than the budget: its pieces are punctuation alone, whichever splitter cuts
+    texts += ["index the night batch.\n\n" + "- " * 30 + "\n\nsearch the table."] * 2
     dropped = 0
     for chunker in (Chunker(None, 8, words=True), Chunker(tokenizer, 8)):
         for i, text in enumerate(texts):
@@ -115,3 +117,113 @@ def test_a_piece_without_a_letter_or_digit_is_no_chunk(tokenizer):
         Chunker(tokenizer, 8, whole=True),
     ):
         assert chunker.split(ParsedDocument("p", " . -- ) ... ", "")) == []
+
+
+def _bert_template(tokenizer):
+    from tasks.token_splitter import input_template
+
+    return input_template(tokenizer, 256)
+
+
+def test_each_chunks_ids_are_its_texts_own_encoding(tokenizer):
+    """Tokenise once: a chunk's ids are a slice of its document's one encoding, and equal
+    what the model's tokenizer gives the chunk's text (English, Korean, Markdown, PDF), the
+    special tokens around them; the budget holds counted that way too."""
+    template = _bert_template(tokenizer)
+    assert template is not None and template.prefix == (101,) and template.suffix == (102,)
+    encoded = []
+
+    def encoder(texts):  # for a chunk cut inside a word
+        encoded.extend(texts)
+        return [e.ids for e in tokenizer.encode_batch(texts)]
+
+    docs = [
+        ParsedDocument(r["_id"], r["title"] + "\n\n" + r["text"], r["title"])
+        for r in synthetic_records(30, seed=5)
+    ]
+    for path in ("ko/security.txt", "guides/setup.md", "reports/expenses.pdf"):
+        docs.append(parse_document(path, path, (SAMPLES / path).read_bytes()))
+    # a word longer than any budget here, and a sentence end with no space after it
+    # (under WordPiece's 100 characters, over which a word is one [UNK])
+    docs.append(ParsedDocument("w", "see " + "x".join(map(str, range(30))) + " for it."))
+    tight = "The first trial held for all of its patients (P = .179).In the second it did not."
+    docs.append(ParsedDocument("t", tight + " " + tight))
+    total = 0
+    for size, overlap in ((24, 0), (64, 8), (254, 0)):
+        chunker = Chunker(tokenizer, size, overlap, encoder=encoder, template=template)
+        for doc in docs:
+            for s in chunker.split(doc):
+                total += 1
+                own = tokenizer.encode(s.text).ids
+                assert s.token_ids is not None and list(s.token_ids) == own
+                assert len(own) <= size + 2
+    # only the chunks cut inside a word were encoded from their text: the rest are slices
+    assert 0 < len(encoded) < total / 10
+
+
+def test_overlap_shares_at_most_the_budgeted_tokens(tokenizer):
+    text = " ".join(r["text"] for r in synthetic_records(6, seed=7))
+    spans = Chunker(tokenizer, 40, overlap=10).split(ParsedDocument("o", text))
+    shared = []
+    for a, b in zip(spans, spans[1:], strict=False):
+        assert a.char_start < b.char_start < a.char_end <= b.char_end or b.char_start >= a.char_end
+        if b.char_start < a.char_end:
+            shared.append(len(tokenizer.encode(text[b.char_start : a.char_end]).ids) - 2)
+    assert shared and max(shared) <= 10 and min(shared) > 0
+    # the chunks still cover every word
+    covered = set()
+    for s in spans:
+        covered.update(range(s.char_start, s.char_end))
+    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())
+
+
+def test_boundaries_prefer_headings_paragraphs_then_sentences(tokenizer):
+    from tasks.token_splitter import split_by_tokens
+
+    def cut(text, budget, markdown=False):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        starts = [o[0] for o in enc.offsets]
+        return [text[p.start : p.end] for p in split_by_tokens(text, starts, budget, 0, markdown)]
+
+    md = "# A\n\nalpha beta gamma.\n\n## B\n\ndelta epsilon.\n\n# C\n\nzeta eta theta."
+    assert cut(md, 12, markdown=True) == [
+        "# A\n\nalpha beta gamma.\n\n## B\n\ndelta epsilon.",
+        "# C\n\nzeta eta theta.",
+    ]
+    # a fenced block's '#' line is no heading
+    fenced = "# A\n\n```\n# not a heading\nx = 1\n```\n\nafter the code."
+    assert all(not p.startswith("# not") for p in cut(fenced, 10, markdown=True))
+    text = "First sentence here. Second one (P = .179).Third starts tight. Fourth e.g. the rest."
+    assert cut(text, 9) == [
+        "First sentence here.",
+        "Second one (P = .179).",
+        "Third starts tight.",
+        "Fourth e.g. the rest.",  # no sentence ends before a lower-case word
+    ]
+    assert cut("第一句话很长。第二句话也很长。第三句。", 8) == [
+        "第一句话很长。",
+        "第二句话也很长。",
+        "第三句。",
+    ]
+    assert cut("   \n  ", 8) == []
+
+
+def test_a_byte_level_tokenizer_gets_no_slices():
+    """GPT-2/RoBERTa's byte-level BPE encodes a word after a space differently from a
+    text's first word: a slice of the document's encoding is not the chunk's own, so those
+    chunks are encoded from their text (the chunker's encoder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tasks.token_splitter import input_template
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert input_template(tok, 128) is None
+    calls = []
+
+    def encoder(texts):
+        calls.append(len(texts))
+        return [[1, 2] for _ in texts]
+
+    spans = Chunker(tok, 16, encoder=encoder, template=None).split(ParsedDocument("b", "a b c"))
+    assert calls == [len(spans)] and all(list(s.token_ids) == [1, 2] for s in spans)

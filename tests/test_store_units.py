@@ -152,34 +152,43 @@ class _CountingTokenizer:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnx-int8", "torch"])
 def test_chunks_are_tokenised_once_and_the_model_reads_the_chunkers_ids(tmp_path, backend):
-    """The chunker encodes each chunk as it cuts it; the model (int8 ONNX; torch, as on a GPU)
-    reads those ids and does not tokenise again; the vectors are bit-identical to embedding
-    the text, and torch's are sentence-transformers' own encode()."""
+    """Tokenise once: the chunker encodes each document once, counts its chunks from that
+    encoding and hands each chunk its slice as the model's input ids; the model (int8 ONNX;
+    torch, as on a GPU) reads those and tokenises nothing. The ids are what the model's own
+    tokenizer gives each chunk's text, and the vectors are bit-identical to embedding the
+    text; torch's are sentence-transformers' own encode()."""
     import numpy as np
 
-    from tasks.embedders.local import LocalEmbedder
+    from tasks.embedders.local import LocalEmbedder, load_tokenizer
     from tasks.embedding import make_chunker
     from tasks.settings import DEFAULT_MODEL, ChunkSettings
 
     emb = LocalEmbedder(DEFAULT_MODEL, device="cpu", backend=backend)
+    reference = load_tokenizer(emb.model_dir)
+    reference.enable_truncation(emb.layout.max_seq_length)
+    documents = _CountingTokenizer(emb.tokenizer)
     counting = _CountingTokenizer(emb.input_tokenizer)
-    emb.__dict__["input_tokenizer"] = counting  # what the chunker and the model both use
+    emb.__dict__["tokenizer"] = documents  # what the chunker counts with
+    emb.__dict__["input_tokenizer"] = counting  # what the model's text path encodes with
     chunker = make_chunker(emb, ChunkSettings(chunk_tokens=24))
-    assert chunker.encoder is not None
+    assert chunker.encoder is not None and chunker.template is not None
     docs = [_outcome(f"d{i}.md", TEXT * (i + 1) + f" Document {i}.", chunker) for i in range(4)]
     n = sum(len(o.chunks) for o in docs)
-    assert n > 8 and counting.texts == n  # once each, by the chunker
-    assert all(c.token_ids is not None for o in docs for c in o.chunks)
+    assert n > 8 and documents.texts == len(docs)  # each document encoded once, whole
+    assert counting.texts == 0  # and no chunk encoded again
+    for c in (c for o in docs for c in o.chunks):
+        assert c.token_ids is not None
+        assert list(c.token_ids) == reference.encode(c.text).ids
     batch = embed_outcomes(docs, emb, Store(str(tmp_path / "db")), "local", SRC)
     assert batch.embedded > 0
-    assert counting.texts == n  # the model read the ids: no second tokenisation
+    assert counting.texts == 0 and documents.texts == len(docs)  # the model read the ids
     assert all(c.token_ids is None for o in docs for c in o.chunks)  # not held after embedding
     assert emb.backend == backend
     rows = batch.rows
     got = dict(zip(rows.column("text").to_pylist(), rows.column("vector").to_pylist(), strict=True))
     texts = sorted(got)
     from_text = emb.embed(texts)  # the text path, which tokenises
-    assert counting.texts == n + len(texts)
+    assert counting.texts == len(texts)
     from_ids = np.asarray([got[t] for t in texts], dtype=np.float32)
     assert np.array_equal(from_ids, from_text)
     if backend == "torch":  # lanceflow's batching gives sentence-transformers' vectors

@@ -29,6 +29,7 @@ from tasks.concurrency import usable_cores
 from tasks.embedders.base import normalize
 from tasks.errors import ModelError
 from tasks.settings import DEFAULT_MODEL
+from tasks.token_splitter import InputTemplate, input_template
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -314,6 +315,12 @@ class LocalEmbedder:
         # int32 while they wait in a batch (half the memory); the model reads int64
         encodings = self.input_tokenizer.encode_batch(model_inputs(self.layout, texts))
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    @cached_property
+    def input_template(self) -> InputTemplate | None:
+        """How the model's input ids wrap a text's own, for the chunker's slices of one
+        encoding of each document (None: chunks are encoded from their text)."""
+        return input_template(self.tokenizer, self.layout.max_seq_length, self.layout.lowercase)
 
     @cached_property
     def special_tokens(self) -> int:

@@ -1,0 +1,213 @@
+"""Chunk boundaries from one tokenisation of a document (tokenise once).
+
+The document is encoded once with the model's tokenizer. Every candidate chunk is counted from
+that encoding's token offsets, never by encoding the candidate again, and each chunk's input
+ids are a slice of the same encoding with the model's special tokens around it, so the text the
+model reads is tokenised exactly once, in the parse stage.
+
+The boundaries, by level, highest first: Markdown headings (h1 to h6) and blocks (code fences,
+rules); runs of newlines, longest first; sentence ends (Latin, CJK and Korean terminators);
+words (whitespace); tokens. From each position the highest level whose next section fits the
+budget is taken, and as many of its sections are packed as fit: what semantic-text-splitter
+does, which counts each candidate by encoding it again.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+_HEADING = re.compile(r"^(#{1,6})[ \t]+\S", re.MULTILINE)
+_FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)[^\n]*(?:\n|$)", re.MULTILINE)
+_RULE = re.compile(
+    r"^[ \t]{0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,})$\n?", re.MULTILINE
+)
+_NEWLINES = re.compile(r"\s*\n\s*")
+# a sentence end: a terminator, closing quotes or brackets, then white space (Latin scripts,
+# Korean '다.'), or a full-width terminator that needs none (Chinese, Japanese)
+_SENTENCE = re.compile(r"[.!?…]+[\"'”’)\]»]*\s+|[。！？]+[\"'”’)\]»」』]*\s*")
+# the same without white space, before a capital ('(P = .179).In'), unless a letter precedes
+# the terminator ('U.S.A')
+_TIGHT = re.compile(r"[.!?]+[\"'”’)\]»]*(?=[^\W\d_])")
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class InputTemplate:
+    """How a model's input ids wrap a text's own ids: [CLS] ids [SEP] for BERT, <s> ids </s>
+    for RoBERTa/XLM-R, and the longest sequence the model reads (special tokens included)."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    max_length: int
+    lowercase: bool = False
+
+    def wrap(self, ids: list[int]) -> list[int]:
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        return [*self.prefix, *ids[:room], *self.suffix]
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A chunk's characters [start, end) and its tokens [first, last) in the encoding."""
+
+    start: int
+    end: int
+    first: int
+    last: int
+
+
+def _markdown_levels(text: str) -> list[list[int]]:
+    """Heading starts by depth (h1 first, each level holding the ones above it), then block
+    boundaries (fences, rules); headings inside fenced code are none."""
+    fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
+    fence_starts = [s for s, _ in fences]
+    by_depth: list[list[int]] = [[] for _ in range(6)]
+    for m in _HEADING.finditer(text):
+        if bisect_right(fence_starts, m.start()) % 2 == 1:
+            continue
+        by_depth[len(m.group(1)) - 1].append(m.start())
+    levels: list[list[int]] = []
+    acc: list[int] = []
+    for depth in by_depth:
+        if depth:
+            acc = sorted({*acc, *depth})
+            levels.append(acc)
+    blocks = [s for s, _ in fences[0::2]] + [e for _, e in fences[1::2]]
+    blocks += [m.end() for m in _RULE.finditer(text)] + [m.start() for m in _RULE.finditer(text)]
+    if blocks:
+        levels.append(sorted({*acc, *blocks}))
+    return levels
+
+
+def _text_levels(text: str) -> list[Callable[[], list[int]]]:
+    """Boundary lists from newline runs down to words, built when first needed."""
+    runs = [(m.end(), m.group().count("\n")) for m in _NEWLINES.finditer(text)]
+    counts = sorted({c for _, c in runs}, reverse=True)
+    out = [_fixed([p for p, c in runs if c >= k]) for k in counts]
+
+    def sentences() -> list[int]:
+        found = []
+        for m in _SENTENCE.finditer(text):
+            end = m.end()
+            # 'e.g. the', '3.5 mm': no sentence ends before a lower-case word
+            if end < len(text) and not text[end].islower():
+                found.append(end)
+        for m in _TIGHT.finditer(text):
+            if text[m.end()].isupper() and not (m.start() and text[m.start() - 1].isalpha()):
+                found.append(m.end())
+        return sorted({*found, *(p for p, _ in runs)})
+
+    out.append(sentences)
+    out.append(lambda: [m.end() for m in _SPACE.finditer(text)])
+    return out
+
+
+def _fixed(values: list[int]) -> Callable[[], list[int]]:
+    return lambda: values
+
+
+def split_by_tokens(
+    text: str,
+    starts: list[int],
+    budget: int,
+    overlap: int = 0,
+    markdown: bool = False,
+) -> list[Piece]:
+    """Chunks of `text` of at most `budget` tokens, `starts` being the start offset of each of
+    its tokens (one encoding of the whole text). Chunks are trimmed of white space; with
+    `overlap`, neighbours share up to that many tokens, from a word's start."""
+    n = len(text)
+    lead = len(text) - len(text.lstrip())
+    if lead >= n:
+        return []
+    built: list[list[int]] = []
+    makers: list[Callable[[], list[int]]] = []
+    if markdown:
+        makers += [_fixed(bounds) for bounds in _markdown_levels(text)]
+    makers += _text_levels(text)
+    makers.append(_fixed(starts))
+
+    def level(i: int) -> list[int]:
+        while len(built) <= i:
+            # each level holds every boundary of the levels above it, and the end of the text
+            above = built[-1] if built else []
+            built.append(sorted({*above, *makers[len(built)](), n}))
+        return built[i]
+
+    def tok(pos: int) -> int:
+        return bisect_left(starts, pos)
+
+    pieces: list[Piece] = []
+    cursor = lead
+    prev_end = lead
+    while cursor < n:
+        t0 = tok(cursor)
+        limit = starts[t0 + budget] if t0 + budget < len(starts) else n
+        end = cursor
+        for i in range(len(makers)):
+            bounds = level(i)
+            j = bisect_right(bounds, limit) - 1
+            if j >= 0 and bounds[j] > cursor:
+                end = bounds[j]
+                break
+        if end <= prev_end and pieces:
+            # an overlapped start that reaches no further than the last chunk: go on from it
+            cursor = prev_end
+            continue
+        s, e = cursor, end
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if e > s:
+            pieces.append(Piece(s, e, tok(s), tok(e)))
+        prev_end = end
+        cursor = end
+        if overlap and end < n:
+            # back up at most `overlap` tokens before the end, to a word's start (none where
+            # the last `overlap` tokens hold no word's start: never into the middle of a word)
+            t_end = tok(end)
+            back = max(t_end - overlap, t0 + 1)
+            if back < t_end:
+                words = level(len(makers) - 2)
+                k = bisect_left(words, starts[back])
+                if k < len(words) and words[k] < end:
+                    cursor = words[k]
+        while cursor < n and text[cursor].isspace():
+            cursor += 1
+    return pieces
+
+
+def _has_byte_level(node: object) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == "ByteLevel" or any(_has_byte_level(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_byte_level(v) for v in node)
+    return False
+
+
+def input_template(
+    tokenizer: Tokenizer, max_length: int, lowercase: bool = False
+) -> InputTemplate | None:
+    """How this tokenizer's input ids wrap a text's own, found by encoding a probe with and
+    without special tokens; None where a slice of a document's encoding is not the encoding
+    of the slice's text: byte-level BPE (GPT-2, RoBERTa) marks a word after a space
+    differently from a text's first word, so those chunks are encoded from their text."""
+    import json
+
+    if _has_byte_level(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
+        return None
+    probe = "lanceflow probe text"
+    core = tokenizer.encode(probe, add_special_tokens=False).ids
+    full = tokenizer.encode(probe, add_special_tokens=True).ids
+    for at in range(len(full) - len(core) + 1):
+        if full[at : at + len(core)] == core:
+            return InputTemplate(
+                tuple(full[:at]), tuple(full[at + len(core) :]), max_length, lowercase
+            )
+    return None

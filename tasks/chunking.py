@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigurationError
 from tasks.parsing import ParsedDocument
-from tasks.token_splitter import InputTemplate, Piece, split_by_tokens
+from tasks.token_splitter import (
+    InputTemplate,
+    Piece,
+    input_template,
+    is_clean,
+    isolates_punctuation,
+    offsets_cover_space,
+    split_by_tokens,
+    token_starts,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -134,6 +143,12 @@ class Chunker:
             self._markdown = MarkdownSplitter(chunk_tokens * 5, overlap=overlap * 5)
         elif tokenizer is not None:
             self.tokenizer = tokenizer
+            self._skip_space = offsets_cover_space(tokenizer)
+            # whether a slice of a document's encoding cut at white space is its text's own
+            # encoding, and cut next to punctuation or a CJK ideograph too (BERT's): where not,
+            # a chunk is encoded from its text, and its budget keeps some slack
+            self._exact = (template or input_template(tokenizer, chunk_tokens)) is not None
+            self._isolates = self._exact and isolates_punctuation(tokenizer)
         else:
             raise ConfigurationError("a chunker needs a tokenizer")
 
@@ -177,7 +192,7 @@ class Chunker:
             text, template = (lowered, template) if len(lowered) == len(text) else (text, None)
         encoding = self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
         ids: list[int] = encoding.ids
-        starts = [start for start, _ in encoding.offsets]
+        starts = token_starts(text, encoding.offsets, self._skip_space)
         if self.whole:
             body = doc.text.strip()
             lead = doc.text.find(body[:1]) if body else 0
@@ -185,7 +200,7 @@ class Chunker:
             pieces = [Piece(lead, lead + len(body), first, len(ids))] if body else []
         else:
             pieces = split_by_tokens(
-                doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown
+                doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown, self._clean(text)
             )
         spans = self._spans(
             doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
@@ -195,23 +210,28 @@ class Chunker:
             return [s for s, _ in spans]
         import numpy as np
 
-        n = len(text)
+        clean = self._clean(text)
         cut: list[ChunkSpan] = []
         for span, i in spans:
             piece = pieces[i]
-            if (piece.start == 0 or text[piece.start - 1].isspace()) and (
-                piece.end == n or text[piece.end].isspace()
-            ):
+            if clean(piece.start) and clean(piece.end):
                 span.token_ids = np.asarray(
                     template.wrap(ids[piece.first : piece.last]), dtype=np.int32
                 )
             else:
-                # cut inside a word (a word longer than the budget, a sentence end with no
-                # space after it): a slice there may start with a word's continuation token,
-                # which the chunk's own encoding has not, so this chunk is encoded from its text
+                # cut inside a word (a word longer than the budget; for sentencepiece, a
+                # sentence end with no space after it): a slice there may start with a word's
+                # continuation token, which the chunk's own encoding has not, so this chunk is
+                # encoded from its text
                 cut.append(span)
         self._encode(cut)
         return [s for s, _ in spans]
+
+    def _clean(self, text: str) -> Callable[[int], bool]:
+        """Where a cut leaves exact slices on both sides (tasks.token_splitter.is_clean)."""
+        if not self._exact:
+            return lambda pos: pos <= 0 or pos >= len(text)
+        return lambda pos: is_clean(text, pos, self._isolates)
 
     def _encode(self, spans: list[ChunkSpan]) -> None:
         if self.encoder is not None and spans:

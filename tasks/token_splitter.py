@@ -28,7 +28,7 @@ _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)[^\n]*(?:\n|$)", re.MULTILINE)
 _RULE = re.compile(
     r"^[ \t]{0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,})$\n?", re.MULTILINE
 )
-_NEWLINES = re.compile(r"\s*\n\s*")
+_NEWLINES = re.compile(r"\n\s*")
 # a sentence end: a terminator, closing quotes or brackets, then white space (Latin scripts,
 # Korean '다.'), or a full-width terminator that needs none (Chinese, Japanese)
 _SENTENCE = re.compile(r"[.!?…]+[\"'”’)\]»]*\s+|[。！？]+[\"'”’)\]»」』]*\s*")
@@ -36,6 +36,10 @@ _SENTENCE = re.compile(r"[.!?…]+[\"'”’)\]»]*\s+|[。！？]+[\"'”’)\]
 # the terminator ('U.S.A')
 _TIGHT = re.compile(r"[.!?]+[\"'”’)\]»]*(?=[^\W\d_])")
 _SPACE = re.compile(r"\s+")
+
+
+#: tokens short of the budget a chunk encoded again from its text is cut (split_by_tokens)
+SLACK = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +123,16 @@ def split_by_tokens(
     budget: int,
     overlap: int = 0,
     markdown: bool = False,
+    clean: Callable[[int], bool] | None = None,
 ) -> list[Piece]:
     """Chunks of `text` of at most `budget` tokens, `starts` being the start offset of each of
     its tokens (one encoding of the whole text). Chunks are trimmed of white space; with
-    `overlap`, neighbours share up to that many tokens, from a word's start."""
+    `overlap`, neighbours share up to that many tokens, from a word's start.
+
+    A chunk whose start is not `clean` (a position where the encoding's tokens do not depend
+    on the text before it: see Chunker) is encoded again from its text, which can take a token
+    or two more (a word's '##ization' starts a chunk as 'iz', '##ation'): such a chunk is cut
+    SLACK tokens short of the budget."""
     n = len(text)
     lead = len(text) - len(text.lstrip())
     if lead >= n:
@@ -149,7 +159,10 @@ def split_by_tokens(
     prev_end = lead
     while cursor < n:
         t0 = tok(cursor)
-        limit = starts[t0 + budget] if t0 + budget < len(starts) else n
+        room = budget
+        if clean is not None and not clean(cursor):
+            room = max(1, budget - SLACK)
+        limit = starts[t0 + room] if t0 + room < len(starts) else n
         end = cursor
         for i in range(len(makers)):
             bounds = level(i)
@@ -157,9 +170,16 @@ def split_by_tokens(
             if j >= 0 and bounds[j] > cursor:
                 end = bounds[j]
                 break
+        if end <= cursor:
+            # more than the budget's tokens start at this one character (a character the
+            # normaliser expands): it is a chunk of its own, over the budget, not a stall
+            finest = level(len(makers) - 1)
+            end = finest[bisect_right(finest, cursor)]
         if end <= prev_end and pieces:
             # an overlapped start that reaches no further than the last chunk: go on from it
             cursor = prev_end
+            while cursor < n and text[cursor].isspace():
+                cursor += 1
             continue
         s, e = cursor, end
         while e > s and text[e - 1].isspace():
@@ -191,17 +211,102 @@ def _has_byte_level(node: object) -> bool:
     return False
 
 
+def token_starts(text: str, offsets: list[tuple[int, int]], skip_space: bool) -> list[int]:
+    """Each token's start offset; with `skip_space`, past the white space some tokenizers
+    put in a token's offsets (a sentencepiece '▁word' that starts at the space before it), so
+    that a word's first token starts at the word."""
+    if not skip_space:
+        return [s for s, _ in offsets]
+    out = []
+    for s, e in offsets:
+        while s < e and text[s].isspace():
+            s += 1
+        out.append(s)
+    return out
+
+
+_PROBE = "Alpha beta, gamma.  Delta\nepsilon 42 café 한국어 (zeta).Eta theta-iota\n\nkappa lambda."
+
+
+def offsets_cover_space(tokenizer: Tokenizer) -> bool:
+    """Whether a token's offsets can start at the white space before its word."""
+    enc = tokenizer.encode(_PROBE, add_special_tokens=False)
+    return any(s < e and _PROBE[s].isspace() for s, e in enc.offsets)
+
+
+def _isolated(ch: str) -> bool:
+    """Punctuation (BERT's: ASCII symbols too) or a CJK ideograph: characters BERT-style
+    pre-tokenizers make tokens of their own."""
+    import unicodedata
+
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    if unicodedata.category(ch).startswith("P"):
+        return True
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x20000 <= cp <= 0x2FA1F
+    )
+
+
+def is_clean(text: str, pos: int, isolates: bool) -> bool:
+    """Whether a cut at `pos` leaves both sides' tokens as the whole text's encoding has them:
+    at white space (for a tokenizer whose slices are exact), and with a tokenizer that
+    `isolates` punctuation and CJK ideographs (BERT's), next to one of those."""
+    if pos <= 0 or pos >= len(text):
+        return True
+    before, after = text[pos - 1], text[pos]
+    if before.isspace() or after.isspace():
+        return True
+    return isolates and (_isolated(before) or _isolated(after))
+
+
+_PUNCT_PROBE = "甲乙。丙丁(zeta).Eta,theta:iota[kappa]lambda 中文mu"
+
+
+def isolates_punctuation(tokenizer: Tokenizer) -> bool:
+    """Whether cuts next to punctuation and CJK ideographs give exact slices, checked on a
+    probe cut at each such position (True for BERT's pre-tokenizer, False for sentencepiece,
+    which marks only a word after a space)."""
+    text = _PUNCT_PROBE
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    starts = token_starts(text, enc.offsets, offsets_cover_space(tokenizer))
+    for p in range(1, len(text)):
+        if not (_isolated(text[p - 1]) or _isolated(text[p])) or text[p - 1 : p + 1].isspace():
+            continue
+        for a, b in ((0, p), (p, len(text))):
+            own = tokenizer.encode(text[a:b], add_special_tokens=False).ids
+            if own != enc.ids[bisect_left(starts, a) : bisect_left(starts, b)]:
+                return False
+    return True
+
+
 def input_template(
     tokenizer: Tokenizer, max_length: int, lowercase: bool = False
 ) -> InputTemplate | None:
     """How this tokenizer's input ids wrap a text's own, found by encoding a probe with and
     without special tokens; None where a slice of a document's encoding is not the encoding
-    of the slice's text: byte-level BPE (GPT-2, RoBERTa) marks a word after a space
-    differently from a text's first word, so those chunks are encoded from their text."""
+    of the slice's text, checked on a probe document cut at every pair of its words: byte-level
+    BPE (GPT-2, RoBERTa) marks a word after a space differently from a text's first word, and
+    so does a sentencepiece tokenizer that adds no '▁' before a text's first word. Chunks of
+    those are encoded from their text."""
     import json
 
-    if _has_byte_level(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
+    if _has_byte_level(json.loads(tokenizer.to_str())):
         return None
+    text = _PROBE.lower() if lowercase else _PROBE
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    starts = token_starts(text, enc.offsets, offsets_cover_space(tokenizer))
+    words = [0] + [m.end() for m in _SPACE.finditer(text)]
+    for i, p in enumerate(words):
+        for q in [*words[i + 1 :], len(text)]:
+            end = len(text[:q].rstrip())
+            own = tokenizer.encode(text[p:end], add_special_tokens=False).ids
+            if own != enc.ids[bisect_left(starts, p) : bisect_left(starts, end)]:
+                return None
     probe = "lanceflow probe text"
     core = tokenizer.encode(probe, add_special_tokens=False).ids
     full = tokenizer.encode(probe, add_special_tokens=True).ids

@@ -227,3 +227,64 @@ def test_a_byte_level_tokenizer_gets_no_slices():
 
     spans = Chunker(tok, 16, encoder=encoder, template=None).split(ParsedDocument("b", "a b c"))
     assert calls == [len(spans)] and all(list(s.token_ids) == [1, 2] for s in spans)
+
+
+def _sentencepiece_like(prepend_scheme: str):
+    """A small BPE over Metaspace pre-tokenization, trained here on the sample corpus (no
+    download): sentencepiece's shape, whose '▁word' token's offsets start at the space."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    texts = [p.read_text(encoding="utf-8") for p in SAMPLES.rglob("*.md")]
+    texts += [p.read_text(encoding="utf-8") for p in SAMPLES.rglob("*.txt")]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace("\n", " ")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(texts * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return tok
+
+
+@pytest.mark.parametrize("scheme", ["always", "never"])
+def test_sentencepiece_shaped_tokenizers(scheme):
+    """'▁word' tokens whose offsets start at the space before the word: a chunk's slice still
+    starts with its first word's token ('always'); where a text's first word gets no '▁'
+    ('never'), slices are not the chunks' own encodings, which the probe finds, and every chunk
+    is encoded from its text. Either way each chunk's ids are its text's own encoding."""
+    from tasks.token_splitter import input_template, offsets_cover_space
+
+    tok = _sentencepiece_like(scheme)
+    assert offsets_cover_space(tok)
+    template = input_template(tok, 512)
+    assert (template is not None) == (scheme == "always")
+    encoded = []
+
+    def encoder(texts):
+        encoded.extend(texts)
+        return [e.ids for e in tok.encode_batch(texts)]
+
+    text = " ".join(r["text"] for r in synthetic_records(8, seed=11))
+    chunker = Chunker(tok, 40, encoder=encoder, template=template)
+    spans = chunker.split(ParsedDocument("s", text))
+    assert len(spans) > 5
+    for s in spans:
+        own = tok.encode(s.text).ids
+        assert list(s.token_ids) == own
+        assert len(own) <= 40 + 2
+    if scheme == "always":
+        assert not encoded  # all slices
+    else:
+        assert len(encoded) == len(spans)
+
+
+def test_many_tokens_at_one_character_do_not_stall():
+    """A character its normaliser expands into more tokens than the budget is a chunk of its
+    own (over the budget) rather than a cut that never moves."""
+    from tasks.token_splitter import split_by_tokens
+
+    text = "ab\ufdfa cd"
+    starts = [0, 1] + [2] * 20 + [4]
+    pieces = split_by_tokens(text, starts, 8)
+    assert [text[p.start : p.end] for p in pieces] == ["ab", "\ufdfa", "cd"]

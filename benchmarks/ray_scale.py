@@ -10,6 +10,7 @@ instance still spreads its processes over every core, and on a 2-core machine th
 worker would find no idle core to add.
 
     python benchmarks/ray_scale.py [--sizes 10000,100000] [--runners local,ray1,ray2]
+                                   [--repeat N]
 
 For each size and runner, a cold `lanceflow ingest` into an empty table (a fresh process;
 Prefect's temporary server and, for Ray, a fresh local Ray instance included):
@@ -40,6 +41,12 @@ Prefect's temporary server and, for Ray, a fresh local Ray instance included):
 and the ratios the targets are about: rss_100k_over_10k per runner, ray2_over_ray1 per size (on
 chunks/s and pipeline chunks/s). Prints one JSON object.
 
+With --repeat N, each size runs N rounds of the runners, interleaved (a round's ray1 and ray2
+run back to back, so a drift in the machine's speed, which on a shared VM reaches 30 % between
+runs minutes apart, lands on both): runs after the first are keyed SIZE/RUNNER/ROUND, the
+ray2_over_ray1 ratios are the median of the rounds' own ratios (each round's listed in
+..._rounds), and rss_100k_over_10k divides the highest peaks of the two sizes' rounds.
+
 Before the timed runs, one untimed ingest of 20 documents per kind of runner (local, Ray):
 Prefect's database migrations and the first start of Ray are one-time costs that would
 otherwise land on whichever runner runs first.
@@ -57,6 +64,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -152,6 +160,13 @@ def main() -> None:
         help="the Ray runs' --ray-memory-mb (default: lanceflow's)",
     )
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every runner at each size, interleaved (local, ray1, ray2, local, ...): "
+        "the ratios are the median of the rounds' own, each round's runs back to back",
+    )
+    ap.add_argument(
         "--trace-dir",
         type=Path,
         help="write each ingest's RSS over time to DIR/SIZE-RUNNER.jsonl (one line a second)",
@@ -172,12 +187,16 @@ def main() -> None:
             t = time.perf_counter()
             generate(corpus, size)
             sys.stderr.write(f"generated {size} documents in {time.perf_counter() - t:.1f}s\n")
-            for runner in args.runners.split(","):
+            for round_, runner in [
+                (r, x) for r in range(1, args.repeat + 1) for x in args.runners.split(",")
+            ]:
+                key = f"{size}/{runner}" + (f"/{round_}" if round_ > 1 else "")
                 db = work / f"db-{size}-{runner}"
                 cmd, cores = ingest_cmd(
                     corpus, db, runner, args.chunk_tokens, args.batch_docs, args.ray_memory_mb
                 )
-                trace = args.trace_dir / f"{size}-{runner}.jsonl" if args.trace_dir else None
+                name = key.replace("/", "-")
+                trace = args.trace_dir / f"{name}.jsonl" if args.trace_dir else None
                 ran = run_tree(cmd, env, cores, trace)
                 seconds, peak = ran.seconds, ran.peak
                 report = json.loads(ran.stdout.strip().splitlines()[-1])
@@ -186,7 +205,7 @@ def main() -> None:
                 run_tree([*LANCEFLOW, "maintain", "--table", str(db), "--json"], env)
                 _, compacted = table_facts(db)
                 stages = report.get("stage_seconds", {})
-                runs[f"{size}/{runner}"] = {
+                runs[key] = {
                     "seconds": round(seconds, 2),
                     "chunks": chunks,
                     "chunks_per_s": round(chunks / seconds, 1),
@@ -207,28 +226,32 @@ def main() -> None:
                     "fragments_written": fragments,
                     "fragments_compacted": compacted,
                 }
-                sys.stderr.write(f"{size}/{runner}: {json.dumps(runs[f'{size}/{runner}'])}\n")
+                sys.stderr.write(f"{key}: {json.dumps(runs[key])}\n")
                 shutil.rmtree(db, ignore_errors=True)
             shutil.rmtree(corpus, ignore_errors=True)
         sizes = sorted({int(k.split("/")[0]) for k in runs})
+
+        def rounds(size: int, runner: str) -> list[dict[str, Any]]:
+            first = runs.get(f"{size}/{runner}")
+            more = [runs.get(f"{size}/{runner}/{r}") for r in range(2, args.repeat + 1)]
+            return [x for x in [first, *more] if x]
+
         for runner in args.runners.split(","):
             if len(sizes) > 1:
-                lo, hi = runs.get(f"{sizes[0]}/{runner}"), runs.get(f"{sizes[-1]}/{runner}")
+                lo, hi = rounds(sizes[0], runner), rounds(sizes[-1], runner)
                 if lo and hi:
-                    result[f"rss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
-                        float(hi["peak_rss_gib"]) / float(lo["peak_rss_gib"]), 3
-                    )
-                    result[f"pss_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(
-                        float(hi["peak_pss_gib"]) / float(lo["peak_pss_gib"]), 3
-                    )
+                    # the highest peak of each size's rounds
+                    for m in ("rss", "pss"):
+                        top = max(float(x[f"peak_{m}_gib"]) for x in hi)
+                        base = max(float(x[f"peak_{m}_gib"]) for x in lo)
+                        result[f"{m}_{sizes[-1]}_over_{sizes[0]}_{runner}"] = round(top / base, 3)
         for size in sizes:
-            r1, r2 = runs.get(f"{size}/ray1"), runs.get(f"{size}/ray2")
-            if r1 and r2:
-                for rate in ("chunks_per_s", "pipeline_chunks_per_s"):
-                    result[f"ray2_over_ray1_{size}_{rate}"] = round(
-                        float(r2[rate]) / float(r1[rate]),
-                        3,
-                    )
+            pairs = list(zip(rounds(size, "ray1"), rounds(size, "ray2"), strict=False))
+            for rate in ("chunks_per_s", "pipeline_chunks_per_s") if pairs else ():
+                ratios = sorted(float(b[rate]) / float(a[rate]) for a, b in pairs)
+                result[f"ray2_over_ray1_{size}_{rate}"] = round(statistics.median(ratios), 3)
+                if len(ratios) > 1:
+                    result[f"ray2_over_ray1_{size}_{rate}_rounds"] = [round(r, 3) for r in ratios]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))

@@ -95,9 +95,11 @@ class Chunker:
     With the model's own tokenizer, each document is encoded once (tasks.token_splitter):
     the chunks are counted from that encoding, and with `template` (how the model's input
     ids wrap a text's) each chunk carries its slice of it as the model's input ids. `encoder`
-    encodes chunk texts instead where a slice is not the text's own encoding (a byte-level
-    tokenizer; a document that lowercasing lengthens). The OpenAI (tiktoken) and hash (word)
-    budgets go through semantic-text-splitter, which counts in Rust."""
+    encodes chunk texts instead where a slice may not be the text's own encoding: a tokenizer
+    whose slices the probe found inexact (byte-level BPE; sentencepiece that marks no first
+    word), a chunk cut inside a word, a document that lowercasing lengthens. The OpenAI
+    (tiktoken) and hash (word) budgets go through semantic-text-splitter, which counts in
+    Rust."""
 
     def __init__(
         self,

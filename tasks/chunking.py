@@ -9,7 +9,6 @@ semantic-text-splitter does the same in Rust.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from tasks.token_splitter import (
     input_template,
     is_clean,
     isolates_punctuation,
+    markdown_headings,
     offsets_cover_space,
     split_by_tokens,
     token_starts,
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 #: texts -> the model's input ids for each (special tokens included)
 TokenEncoder = Callable[[list[str]], list["np.ndarray"]]
-
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
-_FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
 
 
 @dataclass(slots=True)
@@ -63,19 +60,14 @@ def heading_outline(
 
     `stack` carries the open headings from an earlier segment of the same document in, and
     this segment's out (it is updated in place)."""
-    fences = [m.start() for m in _FENCE.finditer(text)]
     offsets: list[int] = []
     paths: list[str] = []
     stack = [] if stack is None else stack
-    for m in _HEADING.finditer(text):
-        # inside a fenced code block when an odd number of fences precede it
-        if bisect_right(fences, m.start()) % 2 == 1:
-            continue
-        level = len(m.group(1))
+    for start, level, title in markdown_headings(text):
         while stack and stack[-1][0] >= level:
             stack.pop()
-        stack.append((level, m.group(2).strip()))
-        offsets.append(m.start())
+        stack.append((level, title))
+        offsets.append(start)
         paths.append(" > ".join(t for _, t in stack))
     return offsets, paths
 
@@ -195,6 +187,7 @@ class Chunker:
         encoding = self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
         ids: list[int] = encoding.ids
         starts = token_starts(text, encoding.offsets, self._skip_space)
+        clean = self._clean(text)
         if self.whole:
             body = doc.text.strip()
             lead = doc.text.find(body[:1]) if body else 0
@@ -202,7 +195,7 @@ class Chunker:
             pieces = [Piece(lead, lead + len(body), first, len(ids))] if body else []
         else:
             pieces = split_by_tokens(
-                doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown, self._clean(text)
+                doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown, clean
             )
         spans = self._spans(
             doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
@@ -212,7 +205,6 @@ class Chunker:
             return [s for s, _ in spans]
         import numpy as np
 
-        clean = self._clean(text)
         cut: list[ChunkSpan] = []
         for span, i in spans:
             piece = pieces[i]

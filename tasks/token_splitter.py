@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+\S", re.MULTILINE)
-_FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)[^\n]*(?:\n|$)", re.MULTILINE)
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+_FENCE = re.compile(r"^(```|~~~)[^\n]*(?:\n|$)", re.MULTILINE)
 _RULE = re.compile(
     r"^[ \t]{0,3}(?:(?:\*[ \t]*){3,}|(?:-[ \t]*){3,}|(?:_[ \t]*){3,})$\n?", re.MULTILINE
 )
@@ -67,21 +67,36 @@ class Piece:
     last: int
 
 
+def fence_lines(text: str) -> list[tuple[int, int]]:
+    """Each code fence line's [start, end) (its line break included), in order."""
+    return [(m.start(), m.end()) for m in _FENCE.finditer(text)]
+
+
+def markdown_headings(
+    text: str, fences: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int, str]]:
+    """(start, depth, title) of each Markdown heading; a '#' line inside fenced code (an odd
+    number of fences before it) is none."""
+    starts = [s for s, _ in (fence_lines(text) if fences is None else fences)]
+    return [
+        (m.start(), len(m.group(1)), m.group(2).strip())
+        for m in _HEADING.finditer(text)
+        if bisect_right(starts, m.start()) % 2 == 0
+    ]
+
+
 def _markdown_levels(text: str) -> list[list[int]]:
     """Heading starts by depth (h1 first, each level holding the ones above it), then block
-    boundaries (fences, rules); headings inside fenced code are none."""
-    fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
-    fence_starts = [s for s, _ in fences]
+    boundaries (fences, rules)."""
+    fences = fence_lines(text)
     by_depth: list[list[int]] = [[] for _ in range(6)]
-    for m in _HEADING.finditer(text):
-        if bisect_right(fence_starts, m.start()) % 2 == 1:
-            continue
-        by_depth[len(m.group(1)) - 1].append(m.start())
+    for start, depth, _ in markdown_headings(text, fences):
+        by_depth[depth - 1].append(start)
     levels: list[list[int]] = []
     acc: list[int] = []
-    for depth in by_depth:
-        if depth:
-            acc = sorted({*acc, *depth})
+    for heads in by_depth:
+        if heads:
+            acc = sorted({*acc, *heads})
             levels.append(acc)
     blocks = [s for s, _ in fences[0::2]] + [e for _, e in fences[1::2]]
     blocks += [m.end() for m in _RULE.finditer(text)] + [m.start() for m in _RULE.finditer(text)]
@@ -203,14 +218,6 @@ def split_by_tokens(
     return pieces
 
 
-def _has_byte_level(node: object) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == "ByteLevel" or any(_has_byte_level(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_byte_level(v) for v in node)
-    return False
-
-
 def token_starts(text: str, offsets: list[tuple[int, int]], skip_space: bool) -> list[int]:
     """Each token's start offset; with `skip_space`, past the white space some tokenizers
     put in a token's offsets (a sentencepiece '▁word' that starts at the space before it), so
@@ -293,10 +300,6 @@ def input_template(
     BPE (GPT-2, RoBERTa) marks a word after a space differently from a text's first word, and
     so does a sentencepiece tokenizer that adds no '▁' before a text's first word. Chunks of
     those are encoded from their text."""
-    import json
-
-    if _has_byte_level(json.loads(tokenizer.to_str())):
-        return None
     text = _PROBE.lower() if lowercase else _PROBE
     enc = tokenizer.encode(text, add_special_tokens=False)
     starts = token_starts(text, enc.offsets, offsets_cover_space(tokenizer))

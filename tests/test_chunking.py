@@ -210,23 +210,30 @@ def test_boundaries_prefer_headings_paragraphs_then_sentences(tokenizer):
 
 def test_a_byte_level_tokenizer_gets_no_slices():
     """GPT-2/RoBERTa's byte-level BPE encodes a word after a space differently from a
-    text's first word: a slice of the document's encoding is not the chunk's own, so those
-    chunks are encoded from their text (the chunker's encoder)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    text's first word: a slice of the document's encoding is not the chunk's own, which the
+    probe finds, so those chunks are encoded from their text (the chunker's encoder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from tasks.token_splitter import input_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [p.read_text(encoding="utf-8") for p in SAMPLES.rglob("*.md")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts * 3, trainer)
     assert input_template(tok, 128) is None
     calls = []
 
     def encoder(texts):
         calls.append(len(texts))
-        return [[1, 2] for _ in texts]
+        return [e.ids for e in tok.encode_batch(texts)]
 
-    spans = Chunker(tok, 16, encoder=encoder, template=None).split(ParsedDocument("b", "a b c"))
-    assert calls == [len(spans)] and all(list(s.token_ids) == [1, 2] for s in spans)
+    text = " ".join(r["text"] for r in synthetic_records(4, seed=13))
+    spans = Chunker(tok, 32, encoder=encoder, template=None).split(ParsedDocument("b", text))
+    assert len(spans) > 2 and calls == [len(spans)]
+    assert all(list(s.token_ids) == tok.encode(s.text).ids for s in spans)
 
 
 def _sentencepiece_like(prepend_scheme: str):

@@ -9,6 +9,7 @@ semantic-text-splitter does the same in Rust.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.errors import ConfigurationError
 from tasks.parsing import ParsedDocument
 from tasks.token_splitter import (
+    SLACK,
     InputTemplate,
     Piece,
     input_template,
@@ -31,6 +33,11 @@ from tasks.token_splitter import (
 if TYPE_CHECKING:
     import numpy as np
     from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+#: rounds of splitting a chunk again that its own encoding finds over the budget
+REFITS = 3
 
 #: texts -> the model's input ids for each (special tokens included)
 TokenEncoder = Callable[[list[str]], list["np.ndarray"]]
@@ -118,6 +125,7 @@ class Chunker:
         self.tokenizer: Tokenizer | None = None
         self._text: Any = None
         self._markdown: Any = None
+        self._special_count: int | None = None
         if tiktoken_model is not None:
             from semantic_text_splitter import MarkdownSplitter, TextSplitter
 
@@ -197,29 +205,124 @@ class Chunker:
             pieces = split_by_tokens(
                 doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown, clean
             )
-        spans = self._spans(
-            doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
-        )
-        if template is None:
-            self._encode([s for s, _ in spans])
-            return [s for s, _ in spans]
+        opened = list(headings) if headings is not None else None
+        for refit in range(REFITS + 1):
+            if refit and headings is not None and opened is not None:
+                headings[:] = opened  # _spans walks this segment's headings again
+            spans = self._spans(
+                doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
+            )
+            from_text = self._assign_ids(spans, pieces, ids, template, clean)
+            if self.whole or not from_text:
+                break
+            over = self._over_budget(text, pieces, from_text)
+            if not over:
+                break
+            if refit == REFITS:
+                for i, count in over.items():
+                    log.warning(
+                        "document %s: a chunk at characters %d-%d has %d tokens, over "
+                        "chunk_tokens=%d after %d re-splits (a character the tokenizer "
+                        "expands into that many?); what passes the model's limit is cut",
+                        doc.doc_id,
+                        char_base + pieces[i].start,
+                        char_base + pieces[i].end,
+                        count,
+                        self.chunk_tokens,
+                        REFITS,
+                    )
+                break
+            pieces = self._refit(text, starts, pieces, over, doc.markdown, refit)
+        return [s for s, _ in spans]
+
+    def _assign_ids(
+        self,
+        spans: list[tuple[ChunkSpan, int]],
+        pieces: list[Piece],
+        ids: list[int],
+        template: InputTemplate | None,
+        clean: Callable[[int], bool],
+    ) -> list[tuple[ChunkSpan, int]]:
+        """Each chunk's input ids: its slice of the document's encoding where that is its
+        own encoding, else its text encoded (by the encoder, when there is one). Returns the
+        chunks whose count may differ from their slice's (those not sliced at clean cuts)."""
         import numpy as np
 
-        cut: list[ChunkSpan] = []
+        from_text: list[tuple[ChunkSpan, int]] = []
         for span, i in spans:
             piece = pieces[i]
-            if clean(piece.start) and clean(piece.end):
-                span.token_ids = np.asarray(
-                    template.wrap(ids[piece.first : piece.last]), dtype=np.int32
-                )
+            if self._exact and clean(piece.start) and clean(piece.end):
+                if template is not None:
+                    span.token_ids = np.asarray(
+                        template.wrap(ids[piece.first : piece.last]), dtype=np.int32
+                    )
             else:
                 # cut inside a word (a word longer than the budget; for sentencepiece, a
-                # sentence end with no space after it): a slice there may start with a word's
-                # continuation token, which the chunk's own encoding has not, so this chunk is
-                # encoded from its text
-                cut.append(span)
-        self._encode(cut)
-        return [s for s, _ in spans]
+                # sentence end with no space after it), or a tokenizer whose slices are not
+                # exact: a slice may start with a word's continuation token, which the
+                # chunk's own encoding has not, so this chunk is encoded from its text
+                from_text.append((span, i))
+        if template is None:
+            self._encode([s for s, _ in spans])
+        else:
+            self._encode([s for s, _ in from_text])
+        return from_text
+
+    def _over_budget(
+        self, text: str, pieces: list[Piece], from_text: list[tuple[ChunkSpan, int]]
+    ) -> dict[int, int]:
+        """The pieces (index -> own token count) of chunks encoded from their text that hold
+        more than chunk_tokens tokens of their own: counted from a slice of the document's
+        encoding, such a chunk may take a few more than its slice (SLACK covers a token or
+        two), and the model would truncate what is past its limit. Counted from the ids the
+        encoder gave (its special tokens aside); encoded untruncated only where those reach
+        the budget, or where there is no encoder (the model tokenises the text itself)."""
+        assert self.tokenizer is not None
+        check: list[tuple[int, str]] = []
+        for span, i in from_text:
+            if span.token_ids is not None:
+                if len(span.token_ids) - self._specials() < self.chunk_tokens:
+                    continue
+            piece = pieces[i]
+            check.append((i, text[piece.start : piece.end]))
+        if not check:
+            return {}
+        counts = self.tokenizer.encode_batch([t for _, t in check], add_special_tokens=False)
+        found = ((i, len(e.ids)) for (i, _), e in zip(check, counts, strict=True))
+        return {i: n for i, n in found if n > self.chunk_tokens}
+
+    def _refit(
+        self,
+        text: str,
+        starts: list[int],
+        pieces: list[Piece],
+        over: dict[int, int],
+        markdown: bool,
+        refit: int,
+    ) -> list[Piece]:
+        """The pieces, each one over the budget split again, counted in its own encoding
+        (which is what the model reads of it) and SLACK tokens tighter each round."""
+        assert self.tokenizer is not None
+        out: list[Piece] = []
+        budget = max(1, self.chunk_tokens - SLACK * (refit + 1))
+        for i, piece in enumerate(pieces):
+            if i not in over:
+                out.append(piece)
+                continue
+            sub = text[piece.start : piece.end]
+            enc = self.tokenizer.encode(sub, add_special_tokens=False)
+            own = token_starts(sub, enc.offsets, self._skip_space)
+            for p in split_by_tokens(sub, own, budget, 0, markdown, self._clean(sub)):
+                a, b = piece.start + p.start, piece.start + p.end
+                out.append(Piece(a, b, bisect_left(starts, a), bisect_left(starts, b)))
+        return out
+
+    def _specials(self) -> int:
+        """How many special tokens the model's ids put around a text's own."""
+        if self._special_count is None:
+            assert self.tokenizer is not None
+            self._special_count = len(self.tokenizer.encode("", add_special_tokens=True).ids)
+        return self._special_count
 
     def _clean(self, text: str) -> Callable[[int], bool]:
         """Where a cut leaves exact slices on both sides (tasks.token_splitter.is_clean)."""

@@ -295,3 +295,48 @@ def test_many_tokens_at_one_character_do_not_stall():
     starts = [0, 1] + [2] * 20 + [4]
     pieces = split_by_tokens(text, starts, 8)
     assert [text[p.start : p.end] for p in pieces] == ["ab", "\ufdfa", "cd"]
+
+
+def test_a_chunk_its_own_encoding_finds_over_the_budget_is_split_again():
+    """Counted from a slice of its document's encoding, a chunk may take more tokens of its
+    own than SLACK covers: in this byte-level BPE a word after a space is one token and the
+    same word starting a text six. Such a chunk is split again, in its own encoding, so no
+    chunk's ids pass the budget and the model truncates nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges, word = [], "Ġ"
+    for ch in "Qwerty":
+        merges.append((word, ch))
+        word += ch
+        vocab[word] = len(vocab)
+    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = None
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    assert len(tok.encode(" Qwerty", add_special_tokens=False).ids) == 1
+    assert len(tok.encode("Qwerty", add_special_tokens=False).ids) == 6
+    budget = 16
+    model = Tokenizer.from_str(tok.to_str())
+    model.enable_truncation(budget + 2)  # what the model reads, as LocalEmbedder's does
+    rounds = []
+
+    def encoder(texts):
+        rounds.append(len(texts))
+        return [e.ids for e in model.encode_batch(texts)]
+
+    text = " ".join(["Qwerty"] * 60)
+    spans = Chunker(tok, budget, encoder=encoder, template=None).split(ParsedDocument("q", text))
+    for s in spans:
+        own = tok.encode(s.text).ids
+        assert len(own) <= budget + 2 and list(s.token_ids) == own  # nothing truncated
+    assert sum(s.text.count("Qwerty") for s in spans) == 60  # every word, once
+    assert [s.index for s in spans] == list(range(len(spans)))
+    assert len(rounds) > 1  # the first cut did overflow: chunks were split again
+    # where the model tokenises the text itself (no encoder), the chunks are counted the same
+    bare = Chunker(tok, budget).split(ParsedDocument("q", text))
+    assert [s.text for s in bare] == [s.text for s in spans]

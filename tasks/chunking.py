@@ -206,13 +206,16 @@ class Chunker:
                 doc.text, starts, self.chunk_tokens, self.overlap, doc.markdown, clean
             )
         opened = list(headings) if headings is not None else None
+        # the ids of the chunks a round kept, by their characters: a re-split round encodes
+        # only the pieces it made
+        known: dict[tuple[int, int], Any] = {}
         for refit in range(REFITS + 1):
             if refit and headings is not None and opened is not None:
                 headings[:] = opened  # _spans walks this segment's headings again
             spans = self._spans(
                 doc, [(p.start, p.end) for p in pieces], first_index, char_base, headings
             )
-            from_text = self._assign_ids(spans, pieces, ids, template, clean)
+            from_text = self._assign_ids(spans, pieces, ids, template, clean, known)
             if self.whole or not from_text:
                 break
             over = self._over_budget(text, pieces, from_text)
@@ -232,6 +235,9 @@ class Chunker:
                         REFITS,
                     )
                 break
+            for span, i in spans:
+                if i not in over:
+                    known[(pieces[i].start, pieces[i].end)] = span.token_ids
             pieces = self._refit(text, starts, pieces, over, doc.markdown, refit)
         return [s for s, _ in spans]
 
@@ -242,15 +248,22 @@ class Chunker:
         ids: list[int],
         template: InputTemplate | None,
         clean: Callable[[int], bool],
+        known: dict[tuple[int, int], Any],
     ) -> list[tuple[ChunkSpan, int]]:
         """Each chunk's input ids: its slice of the document's encoding where that is its
-        own encoding, else its text encoded (by the encoder, when there is one). Returns the
-        chunks whose count may differ from their slice's (those not sliced at clean cuts)."""
+        own encoding, else its text encoded (by the encoder, when there is one); `known`,
+        those of an earlier round. Returns the chunks whose count may differ from their
+        slice's (those not sliced at clean cuts) and were not known."""
         import numpy as np
 
         from_text: list[tuple[ChunkSpan, int]] = []
+        todo: list[ChunkSpan] = []
         for span, i in spans:
             piece = pieces[i]
+            if (piece.start, piece.end) in known:
+                span.token_ids = known[(piece.start, piece.end)]
+                continue
+            todo.append(span)
             if self._exact and clean(piece.start) and clean(piece.end):
                 if template is not None:
                     span.token_ids = np.asarray(
@@ -263,7 +276,7 @@ class Chunker:
                 # chunk's own encoding has not, so this chunk is encoded from its text
                 from_text.append((span, i))
         if template is None:
-            self._encode([s for s, _ in spans])
+            self._encode(todo)
         else:
             self._encode([s for s, _ in from_text])
         return from_text

@@ -436,7 +436,12 @@ def _ingest(args: argparse.Namespace) -> int:
             )
         return 0
     from flows.api_server import start_temporary_server, wait_temporary_server
+    from tasks.sources import local_root, stat_local_root
 
+    root = local_root(params.source.uri)
+    if root is not None:
+        # a mistyped local path fails here, before the model, Prefect's server or Ray start
+        stat_local_root(params.source.uri, root)
     code = 0
     try:
         if params.runner == "local":

@@ -212,6 +212,24 @@ def _brief(exc: BaseException, options: dict[str, Any] | None) -> str:
     return redact_text(f"{type(exc).__name__}: {text}"[:300], options)
 
 
+def stat_local_root(uri: str, root: str) -> os.stat_result:
+    """A local source's root (a folder or a file), or SourceError saying what to check."""
+    try:
+        return os.stat(root)
+    except OSError as exc:
+        raise SourceError(
+            f"source {uri!r} cannot be opened: {exc.strerror or exc}. "
+            "Check the path and its permissions."
+        ) from exc
+
+
+def local_root(uri: str) -> str | None:
+    """The path of a local source (a plain path or a file:// URL); None for any other."""
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    return None if "://" in uri else uri
+
+
 class Source:
     """A document source: a local folder or file, or a bucket prefix."""
 
@@ -263,13 +281,7 @@ class Source:
 
     def _walk_local(self) -> Iterator[FileEntry]:
         root = self.root
-        try:
-            st = os.stat(root)
-        except OSError as exc:
-            raise SourceError(
-                f"source {self.settings.uri!r} cannot be opened: {exc.strerror or exc}. "
-                "Check the path and its permissions."
-            ) from exc
+        st = stat_local_root(self.settings.uri, root)
         if not stat.S_ISDIR(st.st_mode):
             name = os.path.basename(root)
             yield FileEntry(root, name, st.st_size, st.st_mtime)

@@ -54,8 +54,12 @@ def test_exit_codes(tmp_path):
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["documents"]["failed"] == 2
     assert "max_failed_fraction" in failed.stderr
-    missing = _cli("ingest", str(tmp_path / "nope"), "--table", str(tmp_path / "db"), check=False)
+    missing = _cli("ingest", str(tmp_path / "nope"), "--table", str(tmp_path / "new"), check=False)
     assert missing.returncode == 2 and "cannot be opened" in missing.stderr
+    # a mistyped local path is refused before anything starts: no flow run, no table
+    assert "prefect" not in missing.stderr.lower() and not (tmp_path / "new").exists()
+    url = _cli("ingest", f"file://{tmp_path}/nope", "--table", str(tmp_path / "new"), check=False)
+    assert url.returncode == 2 and "cannot be opened" in url.stderr
 
 
 def _snapshot(db: str) -> tuple[dict, dict]:

@@ -21,7 +21,10 @@ does. For each tokenizer and budget (overlap budget / 8):
   ids_not_own    chunks whose input ids differ from their text's own encoding
   seconds        the splitting's wall seconds
 --chunker COMMIT runs tasks/chunking.py as it was at COMMIT (git show) instead of the working
-tree's, to compare. Prints one JSON object.
+tree's, to compare; it imports the working tree's tasks/token_splitter.py, so a commit whose
+chunker needs an older splitter (before 8aa8fac) gives a mix of the two, not that commit's
+chunks. Also counted: `nested`, chunks that lie wholly inside a neighbour (their text would
+be embedded twice). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -133,6 +136,14 @@ def main() -> int:
             clock = time.perf_counter()
             spans = [s for d in docs for s in chunker.split(d)]
             seconds = time.perf_counter() - clock
+            nested = sum(
+                b.char_start >= a.char_start
+                and b.char_end <= a.char_end
+                or a.char_start >= b.char_start
+                and a.char_end <= b.char_end
+                for a, b in zip(spans, spans[1:], strict=False)
+                if a.doc_id == b.doc_id
+            )
             for s in spans:
                 chunks += 1
                 own = tok.encode(s.text).ids
@@ -143,6 +154,7 @@ def main() -> int:
                 "encoded": encoded[0],
                 "over_budget": over,
                 "ids_not_own": mismatched,
+                "nested": nested,
                 "seconds": round(seconds, 2),
             }
     print(json.dumps(out, indent=1))

@@ -221,24 +221,34 @@ class Chunker:
             over = self._over_budget(text, pieces, from_text)
             if not over:
                 break
-            if refit == REFITS:
-                for i, count in over.items():
-                    log.warning(
-                        "document %s: a chunk at characters %d-%d has %d tokens, over "
-                        "chunk_tokens=%d after %d re-splits (a character the tokenizer "
-                        "expands into that many?); what passes the model's limit is cut",
-                        doc.doc_id,
-                        char_base + pieces[i].start,
-                        char_base + pieces[i].end,
-                        count,
-                        self.chunk_tokens,
-                        REFITS,
-                    )
-                break
             for span, i in spans:
                 if i not in over:
                     known[(pieces[i].start, pieces[i].end)] = span.token_ids
-            pieces = self._refit(text, starts, pieces, over, doc.markdown, refit)
+            split = (
+                self._refit(doc.text, text, starts, pieces, over, doc.markdown, refit)
+                if refit < REFITS
+                else pieces
+            )
+            kept = {(p.start, p.end) for p in split}
+            stuck = [i for i in over if (pieces[i].start, pieces[i].end) in kept]
+            for span, i in spans:
+                if i in stuck:
+                    # no cut left in it (a character the tokenizer expands into more tokens
+                    # than the budget), or the last round: as it is, and said
+                    known[(pieces[i].start, pieces[i].end)] = span.token_ids
+                    log.warning(
+                        "document %s: the chunk at characters %d-%d has %d tokens, over "
+                        "chunk_tokens=%d, and cannot be split further; the model reads no "
+                        "more of it than its own limit",
+                        doc.doc_id,
+                        span.char_start,
+                        span.char_end,
+                        over[i],
+                        self.chunk_tokens,
+                    )
+            if len(stuck) == len(over):
+                break
+            pieces = split
         return [s for s, _ in spans]
 
     def _assign_ids(
@@ -306,6 +316,7 @@ class Chunker:
 
     def _refit(
         self,
+        source: str,
         text: str,
         starts: list[int],
         pieces: list[Piece],
@@ -314,21 +325,33 @@ class Chunker:
         refit: int,
     ) -> list[Piece]:
         """The pieces, each one over the budget split again, counted in its own encoding
-        (which is what the model reads of it) and SLACK tokens tighter each round."""
+        (which is what the model reads of it) and SLACK tokens tighter each round: cut where
+        the document's own text has its boundaries (`source`; `text` is what the tokenizer
+        reads, lowercased for some models), its sub-pieces overlapping as the chunks do. A
+        piece that a neighbour holds whole (with overlap) is left out."""
         assert self.tokenizer is not None
         out: list[Piece] = []
         budget = max(1, self.chunk_tokens - SLACK * (refit + 1))
+        overlap = self.overlap if self.overlap < budget else 0
         for i, piece in enumerate(pieces):
             if i not in over:
                 out.append(piece)
                 continue
-            sub = text[piece.start : piece.end]
-            enc = self.tokenizer.encode(sub, add_special_tokens=False)
+            enc = self.tokenizer.encode(text[piece.start : piece.end], add_special_tokens=False)
+            sub = source[piece.start : piece.end]
             own = token_starts(sub, enc.offsets, self._skip_space)
-            for p in split_by_tokens(sub, own, budget, 0, markdown, self._clean(sub)):
+            for p in split_by_tokens(sub, own, budget, overlap, markdown, self._clean(sub)):
                 a, b = piece.start + p.start, piece.start + p.end
                 out.append(Piece(a, b, bisect_left(starts, a), bisect_left(starts, b)))
-        return out
+        kept: list[Piece] = []
+        for piece in out:
+            # with overlap, a sub-piece may lie wholly inside its neighbour, before or after
+            # it: its text would be embedded twice
+            while kept and kept[-1].start >= piece.start and kept[-1].end <= piece.end:
+                kept.pop()
+            if not kept or piece.end > kept[-1].end:
+                kept.append(piece)
+        return kept
 
     def _specials(self) -> int:
         """How many special tokens the model's ids put around a text's own."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tasks.chunking import Chunker, heading_outline
@@ -340,3 +342,16 @@ def test_a_chunk_its_own_encoding_finds_over_the_budget_is_split_again():
     # where the model tokenises the text itself (no encoder), the chunks are counted the same
     bare = Chunker(tok, budget).split(ParsedDocument("q", text))
     assert [s.text for s in bare] == [s.text for s in spans]
+    # with overlap, split again chunks still overlap as chunks do, and none lies wholly
+    # inside the chunk before it (its text would be embedded twice)
+    rng = random.Random(0)
+    words = ["Qwerty", "ab", "Qwerty.", "cd"]
+    paragraphs = (" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(40))
+    doc = ParsedDocument("o", "\n\n".join(paragraphs))
+    rounds.clear()
+    spans = Chunker(tok, budget, 6, encoder=encoder, template=None).split(doc)
+    assert len(rounds) > 1
+    for a, b in zip(spans, spans[1:], strict=False):
+        assert b.char_start > a.char_start and b.char_end > a.char_end
+        assert len(tok.encode(b.text, add_special_tokens=False).ids) <= budget
+    assert sum(b.char_start < a.char_end for a, b in zip(spans, spans[1:], strict=False)) > 100

@@ -34,6 +34,7 @@ import os
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -239,11 +240,28 @@ def _import_ray() -> Any:
 _LOCAL_ENV: tuple[str, dict[str, str]] | None = None
 
 
+def quiet_known_warnings() -> None:
+    """Warnings every Ray run printed that concern nothing it does:
+    - lancedb's "fork support is experimental" and pylance's "lance is not fork-safe", once
+      per process Ray starts: Ray starts them with subprocess, which replaces the forked child
+      with a new program at once, so no Lance or lancedb runtime runs in it;
+    - Ray Data's "`ray_remote_args` is deprecated", for the actors' max_restarts and
+      max_task_retries: Ray 2.60 (the version pinned) has no named parameter for them."""
+    warnings.filterwarnings(
+        "ignore", message="lancedb fork support is experimental", category=RuntimeWarning
+    )
+    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning
+    )
+
+
 def connect(address: str | None, num_cpus: int | None = None, memory_mb: int = 256) -> Any:
     """Join the Ray cluster at `address` ('auto', 'ray://host:10001'), or start a local one
     (`num_cpus` CPUs, an object store of twice `memory_mb`: Ray's default is 30 % of the
     machine's memory); a process already connected keeps its connection."""
     global _LOCAL_ENV
+    quiet_known_warnings()
     ray = _import_ray()
     if ray.is_initialized():
         if address:
@@ -513,6 +531,7 @@ def run_pipeline(
         stage["runtime_env"] = runtime_env
     tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": RAY_TASK_CPUS}
     ds: Any = rd.from_arrow_refs(refs)
+    quiet_known_warnings()
     ds = ds.map_batches(parse_and_chunk, **tasks)
     ds = ds.map_batches(
         EmbedWorker,

@@ -150,12 +150,17 @@ def reference(tmp_path_factory):
     return src, table_snapshot(str(db)), report
 
 
-def test_ray_writes_the_default_runners_table_in_one_commit(reference, tmp_path, monkeypatch):
+def test_ray_writes_the_default_runners_table_in_one_commit(
+    reference, tmp_path, monkeypatch, recwarn
+):
     src, expected, ref_report = reference
     log = tmp_path / "calls.log"
     monkeypatch.setenv("LANCEFLOW_HASH_CALLS_LOG", str(log))
     db = tmp_path / "db"
     report = run_ingest(_params(src, db, "ray"))
+    # Ray Data's deprecation of the actors' restart settings (no named parameter in the
+    # pinned Ray) is not repeated to the user on every run
+    assert not [w for w in recwarn if "ray_remote_args" in str(w.message)]
     assert report.documents.new == DOCS and report.documents.failed == 0
     assert report.chunks.written == ref_report.chunks.written
     # chunk ids, texts and vectors bit for bit, and the same manifest

@@ -436,9 +436,10 @@ def _ingest(args: argparse.Namespace) -> int:
             )
         return 0
     from flows.api_server import start_temporary_server, wait_temporary_server
-    from tasks.sources import local_root, stat_local_root
+    from tasks.sources import stat_local_root
+    from tasks.storage import local_path
 
-    root = local_root(params.source.uri)
+    root = local_path(params.source.uri)
     if root is not None:
         # a mistyped local path fails here, before the model, Prefect's server or Ray start
         stat_local_root(params.source.uri, root)
@@ -527,9 +528,12 @@ def _has_tables(uri: str) -> bool:
     """Whether a LanceDB location may hold tables already: False only for a local folder
     that is missing or holds no table (a first run, whose flow is certain); a bucket is not
     listed here (True: the no-change check decides)."""
-    if "://" in uri and not uri.startswith("file://"):
+    from tasks.storage import local_path
+
+    path = local_path(uri)
+    if path is None:
         return True
-    folder = Path(uri.removeprefix("file://")).expanduser()
+    folder = Path(path)
     try:
         return any(p.name.endswith(".lance") for p in folder.iterdir())
     except FileNotFoundError:

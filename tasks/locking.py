@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.errors import TableBusyError
+from tasks.storage import local_path
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ _held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 
 def table_location(uri: str) -> str:
     """One spelling per table: an absolute, resolved path, or the URL without a trailing '/'."""
-    if "://" in uri and not uri.startswith("file://"):
+    path = local_path(uri)
+    if path is None:
         from tasks.sources import canonical_source_uri
 
         return canonical_source_uri(uri)
-    path = uri.removeprefix("file://")
-    return os.path.realpath(os.path.expanduser(path))
+    return os.path.realpath(path)
 
 
 def display_location(uri: str) -> str:

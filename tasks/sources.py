@@ -26,7 +26,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from tasks.errors import ConfigurationError, ReadError, SourceError
 from tasks.settings import FILE_EXTENSIONS, RECORD_EXTENSIONS, SourceSettings
-from tasks.storage import fsspec_options, redact_text, redact_uri, userinfo
+from tasks.storage import fsspec_options, local_path, redact_text, redact_uri, userinfo
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,9 @@ def canonical_source_uri(uri: str) -> str:
     a bucket URL with a lower-case scheme and no trailing or doubled slashes. `docs`, `./docs/`
     and `/abs/docs` are one source; so are `s3://b/p/` and `s3a://b/p`."""
     uri = uri.strip()
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" not in uri:
-        return os.path.realpath(os.path.expanduser(uri))
+    path = local_path(uri)
+    if path is not None:
+        return os.path.realpath(path)
     scheme, rest = uri.split("://", 1)
     scheme = scheme.lower()
     scheme = _SCHEME_ALIASES.get(scheme, scheme)
@@ -221,13 +220,6 @@ def stat_local_root(uri: str, root: str) -> os.stat_result:
             f"source {uri!r} cannot be opened: {exc.strerror or exc}. "
             "Check the path and its permissions."
         ) from exc
-
-
-def local_root(uri: str) -> str | None:
-    """The path of a local source (a plain path or a file:// URL); None for any other."""
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    return None if "://" in uri else uri
 
 
 class Source:

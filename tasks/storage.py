@@ -57,6 +57,14 @@ _SCHEMES = {
 }
 
 
+def local_path(uri: str) -> str | None:
+    """The path of a local location, a plain path or a file:// URL, with the user's '~'
+    expanded as fsspec expands it; None for a bucket or any other scheme."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    return os.path.expanduser(uri.removeprefix("file://"))
+
+
 def scheme_of(uri: str) -> str:
     """'s3', 'gs', 'az', 'file', or another fsspec protocol, for a location."""
     if "://" not in uri:

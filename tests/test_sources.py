@@ -56,6 +56,26 @@ def test_missing_source_is_a_clear_error(tmp_path):
         list(Source(SourceSettings(uri=str(tmp_path / "nope"))).iter_entries())
 
 
+def test_the_clis_early_check_finds_the_folder_the_source_lists(tmp_path, monkeypatch):
+    """`lanceflow ingest` checks a local source before anything starts: '~' and file://
+    spellings name the folder that Source (fsspec) lists, so a source that a run reads is
+    never refused early, and one it cannot open is."""
+    from tasks.sources import stat_local_root
+    from tasks.storage import local_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("some text", encoding="utf-8")
+    for uri in ("~/docs", f"file://{tmp_path}/docs", str(tmp_path / "docs")):
+        path = local_path(uri)
+        assert path == str(tmp_path / "docs")
+        stat_local_root(uri, path)
+        assert [e.rel for e in Source(SourceSettings(uri=uri)).iter_entries()] == ["a.txt"]
+    with pytest.raises(SourceError, match="'~/nope' cannot be opened"):
+        stat_local_root("~/nope", local_path("~/nope") or "")
+    assert local_path("s3://bucket/docs") is None
+
+
 def test_jsonl_records_use_their_id_column(tmp_path):
     p = tmp_path / "docs.jsonl"
     rows = [{"_id": "a", "title": "T", "text": "x"}, {"_id": "b", "text": "y"}]

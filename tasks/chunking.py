@@ -26,6 +26,7 @@ from tasks.token_splitter import (
     isolates_punctuation,
     markdown_headings,
     offsets_cover_space,
+    special_token_count,
     split_by_tokens,
     token_starts,
 )
@@ -357,7 +358,7 @@ class Chunker:
         """How many special tokens the model's ids put around a text's own."""
         if self._special_count is None:
             assert self.tokenizer is not None
-            self._special_count = len(self.tokenizer.encode("", add_special_tokens=True).ids)
+            self._special_count = special_token_count(self.tokenizer)
         return self._special_count
 
     def _clean(self, text: str) -> Callable[[int], bool]:

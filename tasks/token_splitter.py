@@ -218,6 +218,11 @@ def split_by_tokens(
     return pieces
 
 
+def special_token_count(tokenizer: Tokenizer) -> int:
+    """How many special tokens the tokenizer puts around a text's own ids ([CLS] [SEP]: 2)."""
+    return len(tokenizer.encode("", add_special_tokens=True).ids)
+
+
 def token_starts(text: str, offsets: list[tuple[int, int]], skip_space: bool) -> list[int]:
     """Each token's start offset; with `skip_space`, past the white space some tokenizers
     put in a token's offsets (a sentencepiece '▁word' that starts at the space before it), so

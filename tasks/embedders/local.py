@@ -29,7 +29,7 @@ from tasks.concurrency import usable_cores
 from tasks.embedders.base import normalize
 from tasks.errors import ModelError
 from tasks.settings import DEFAULT_MODEL
-from tasks.token_splitter import InputTemplate, input_template
+from tasks.token_splitter import InputTemplate, input_template, special_token_count
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -324,7 +324,7 @@ class LocalEmbedder:
 
     @cached_property
     def special_tokens(self) -> int:
-        return len(self.tokenizer.encode("", add_special_tokens=True).ids)
+        return special_token_count(self.tokenizer)
 
     @property
     def max_tokens(self) -> int:

@@ -108,6 +108,10 @@ def main() -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="the BEIR folder (its queries)")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise SystemExit("this benchmark needs OpenVINO: pip install openvino") from None
     sys.path.insert(0, str(REPO))
     from tasks.concurrency import usable_cores
     from tasks.embedders.local import LocalEmbedder, export_onnx

@@ -531,7 +531,6 @@ def run_pipeline(
         stage["runtime_env"] = runtime_env
     tasks = {**stage, "fn_kwargs": {"job": job}, "num_cpus": RAY_TASK_CPUS}
     ds: Any = rd.from_arrow_refs(refs)
-    quiet_known_warnings()
     ds = ds.map_batches(parse_and_chunk, **tasks)
     ds = ds.map_batches(
         EmbedWorker,
